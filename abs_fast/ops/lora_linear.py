@@ -1,0 +1,418 @@
+"""The fused multi-adapter LoRA linear: one pass over a frozen base for tokens of many adapters.
+
+    y[t] = x[t] @ W^T (+ bias) + scaling[a] * (x[t] @ A[a]^T) @ B[a]^T,   a = adapter_ids[t]
+
+adapter_ids[t] == -1 means "base only" (the KL-reference rows). Differentiable in x, lora_a and
+lora_b; the base weight and bias are frozen and receive no gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from abs_fast.ops.backend import select_backend, triton_interpreting
+
+__all__ = ["KernelConfig", "SegmentPlan", "lora_linear", "lora_linear_reference", "segment_plan"]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checking (shared by both backends)
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_scaling(scaling: torch.Tensor | Sequence[float], n_adapters: int, device: torch.device) -> torch.Tensor:
+    if not isinstance(scaling, torch.Tensor):
+        scaling = torch.tensor(list(scaling), dtype=torch.float32)
+    if scaling.shape != (n_adapters,):
+        raise ValueError(f"scaling must have shape [n_adapters]=[{n_adapters}], got {tuple(scaling.shape)}")
+    return scaling.detach().to(device=device, dtype=torch.float32)
+
+
+def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K]")
+    K = x.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"weight must be [N, K] with K={K} (x's last dim), got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if lora_a.dim() != 3 or lora_a.shape[2] != K:
+        raise ValueError(f"lora_a must be [n_adapters, r, K] with K={K}, got {tuple(lora_a.shape)}")
+    n, r = lora_a.shape[0], lora_a.shape[1]
+    if tuple(lora_b.shape) != (n, N, r):
+        raise ValueError(f"lora_b must be [n_adapters, N, r] = [{n}, {N}, {r}], got {tuple(lora_b.shape)}")
+    T = x.numel() // K if K else 0
+    if adapter_ids.numel() != T:
+        raise ValueError(f"adapter_ids must hold one id per token ({T} tokens), got shape "
+                         f"{tuple(adapter_ids.shape)}")
+    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
+        raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [N]=[{N}], got {tuple(bias.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("adapter_ids", adapter_ids)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        raise ValueError("lora_linear keeps the base frozen: weight and bias get no gradient; "
+                         "call requires_grad_(False) on them")
+    return T, N, K, n, r
+
+
+def _check_id_range(adapter_ids: torch.Tensor, n_adapters: int) -> None:
+    if adapter_ids.numel() == 0:
+        return
+    lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+    if lo < -1 or hi >= n_adapters:
+        raise ValueError(f"adapter_ids must lie in [-1, {n_adapters - 1}] (-1 = base only), "
+                         f"found values in [{lo}, {hi}]")
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference (any float dtype, float64 included): used on CPU when not interpreting
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias=None):
+    """Plain PyTorch: the base product plus every adapter's LoRA term masked to its own tokens.
+
+    All adapters are stacked into one shrink and one expand GEMM ([T, n*r] in between), so the cost
+    is two small GEMMs however many adapters there are. The LoRA branch runs in the adapters' dtype
+    (x is cast to it, as PEFT does) and is added to the base output in x's dtype.
+    """
+    T, N, K, n, r = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
+    _check_id_range(adapter_ids, n)
+    scaling = _as_scaling(scaling, n, x.device)
+    x2d = x.reshape(T, K)
+    y = F.linear(x2d, weight, bias)
+    if n > 0 and r > 0:
+        ids = adapter_ids.reshape(T).to(torch.long)
+        token_scale = (ids[:, None] == torch.arange(n, device=x.device)[None, :]).to(lora_a.dtype)
+        token_scale = token_scale * scaling.to(lora_a.dtype)[None, :]  # [T, n]
+        shrunk = F.linear(x2d.to(lora_a.dtype), lora_a.reshape(n * r, K)).view(T, n, r)
+        shrunk = (shrunk * token_scale[:, :, None]).reshape(T, n * r)
+        expand_weight = lora_b.permute(1, 0, 2).reshape(N, n * r)  # [N, n*r], adapter-major columns
+        y = y + F.linear(shrunk, expand_weight.to(shrunk.dtype)).to(y.dtype)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token grouping: a stable sort by adapter id and a table of single-adapter M tiles
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Tokens grouped by adapter without moving them: read rows through `sorted_idx`.
+
+    Tile i covers sorted positions [tile_start[i], tile_end[i]) of adapter tile_adapter[i]
+    (-1 = base only, -2 = unused padding tile). The table has a fixed upper-bound length
+    (ceil(T / block_m) + n_adapters + 1), so building it needs no device-to-host sync.
+    """
+
+    block_m: int
+    n_adapters: int
+    sorted_idx: torch.Tensor  # [T] int32, token indices in adapter order (stable)
+    tile_adapter: torch.Tensor  # [num_tiles] int32
+    tile_start: torch.Tensor  # [num_tiles] int32
+    tile_end: torch.Tensor  # [num_tiles] int32
+    seg_start: torch.Tensor  # [n_adapters] int32, start of each adapter's run in sorted order
+    seg_count: torch.Tensor  # [n_adapters] int32, tokens of each adapter
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_adapter.numel()
+
+
+def segment_plan(adapter_ids: torch.Tensor, n_adapters: int, block_m: int) -> SegmentPlan:
+    """Build (or fetch from the ids tensor's cache) the grouping of tokens by adapter.
+
+    Every linear layer of a forward pass sees the same adapter_ids tensor, so the plan is cached on
+    that tensor object and rebuilt only if it is modified in place.
+    """
+    key = (n_adapters, block_m, adapter_ids._version)
+    cache = getattr(adapter_ids, "_abs_fast_plans", None)
+    if cache is not None and key in cache:
+        return cache[key]
+    _check_id_range(adapter_ids, n_adapters)
+    device = adapter_ids.device
+    groups = adapter_ids.reshape(-1).to(torch.int64) + 1  # 0 = base only, 1..n = adapters
+    T = groups.numel()
+    sorted_idx = torch.sort(groups, stable=True).indices
+    counts = torch.bincount(groups, minlength=n_adapters + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_m - 1) // block_m
+    tile_end_cum = torch.cumsum(tiles, 0)
+    tile_begin_cum = tile_end_cum - tiles
+    num_tiles = _cdiv(T, block_m) + n_adapters + 1
+    t = torch.arange(num_tiles, device=device)
+    group = torch.searchsorted(tile_end_cum, t, right=True)
+    valid = group <= n_adapters
+    g = group.clamp(max=n_adapters)
+    row_start = starts[g] + (t - tile_begin_cum[g]) * block_m
+    row_end = torch.minimum(row_start + block_m, starts[g] + counts[g])
+    i32 = torch.int32
+    plan = SegmentPlan(
+        block_m=block_m,
+        n_adapters=n_adapters,
+        sorted_idx=sorted_idx.to(i32),
+        tile_adapter=torch.where(valid, g - 1, torch.full_like(g, -2)).to(i32),
+        tile_start=torch.where(valid, row_start, torch.zeros_like(row_start)).to(i32),
+        tile_end=torch.where(valid, row_end, torch.zeros_like(row_end)).to(i32),
+        seg_start=starts[1:].to(i32).contiguous(),
+        seg_count=counts[1:].to(i32).contiguous(),
+    )
+    if cache is None:
+        cache = {}
+        adapter_ids._abs_fast_plans = cache
+    cache.clear()  # older versions of this tensor's contents are stale
+    cache[key] = plan
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton launchers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Block sizes and splits. On a GPU, BLOCK_N/BLOCK_K/warps/stages of the fused matmul are
+    autotuned per (N, K, dtype); the rest follows `kernel_config`."""
+
+    block_m: int
+    block_n: int = 64
+    block_k: int = 32
+    group_m: int = 8
+    shrink_split_k: int = 1
+    grad_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Under TRITON_INTERPRET=1 every program x loop step costs milliseconds: small blocks keep test
+# shapes multi-tile, and the split paths (atomics in the shrink, partial sums in the grads) run.
+INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=32, block_k=32, group_m=2, shrink_split_k=2,
+                                  grad_splits=2)
+
+
+def kernel_config(T: int, N: int, K: int, n_adapters: int, device: torch.device) -> KernelConfig:
+    if triton_interpreting():
+        return INTERPRETER_CONFIG
+    block_m = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 512 else 128
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = _cdiv(T, block_m) + n_adapters
+    # shrink: split K when the tiles alone cannot fill the GPU (decode, small batches)
+    split_k = max(1, min(_cdiv(2 * sms, max(tiles, 1)), K // 256))
+    grad_d_tiles = _cdiv(max(N, K), 64) * max(n_adapters, 1)
+    grad_splits = max(1, min(_cdiv(4 * sms, grad_d_tiles), _cdiv(T, block_m)))
+    return KernelConfig(block_m=block_m, shrink_split_k=split_k, grad_splits=grad_splits)
+
+
+def _lora_precision(dtype: torch.dtype) -> str:
+    # LoRA-side products are fp32 dots: exact IEEE for fp32 models, tf32 (10-bit mantissa, better
+    # than the bf16 inputs) for 16-bit models.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+_autotuned = {}
+
+
+def _fused_matmul_kernel():
+    """The fused matmul kernel: plain under the interpreter, autotuned on a GPU."""
+    from abs_fast.kernels import lora as k
+
+    if triton_interpreting():
+        return k.lora_fused_matmul_kernel
+    if "fused" not in _autotuned:
+        import triton
+
+        configs = [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
+                                 (128, 64, 4, 4), (64, 32, 4, 5)]
+        ]
+        _autotuned["fused"] = triton.autotune(configs, key=["N", "K", "BLOCK_M", "HAS_LORA"])(
+            k.lora_fused_matmul_kernel)
+    return _autotuned["fused"]
+
+
+def _shrink(x2d, p, p_strides, scaling, plan: SegmentPlan, R: int, cfg: KernelConfig, precision: str):
+    """L[t, :R] = scaling[a] * x2d[t] @ P[a]^T (fp32), zero for base-only rows."""
+    from abs_fast.kernels import lora as k
+
+    T, K = x2d.shape
+    out = torch.zeros(T, R, device=x2d.device, dtype=torch.float32)
+    split_k = max(1, min(cfg.shrink_split_k, _cdiv(K, cfg.block_k)))
+    k.lora_shrink_kernel[(plan.num_tiles, split_k)](
+        x2d, p, scaling, out,
+        plan.sorted_idx, plan.tile_adapter, plan.tile_start, plan.tile_end,
+        K, R,
+        x2d.stride(0), x2d.stride(1),
+        *p_strides,
+        out.stride(0), out.stride(1),
+        BLOCK_M=plan.block_m, BLOCK_R=max(16, _next_pow2(R)), BLOCK_K=cfg.block_k,
+        SPLIT_K=split_k, LORA_PRECISION=precision,
+        num_warps=cfg.num_warps,
+    )
+    return out
+
+
+def _fused_matmul(x2d, w, w_strides, N, bias, lora_l, q, q_strides, R, plan, cfg, precision):
+    """out[t] = x2d[t] @ Wmat^T (+ bias) + lora_l[t] @ Q[a]^T; Wmat[n, k] read through w_strides."""
+    T, K = x2d.shape
+    out = torch.empty(T, N, device=x2d.device, dtype=x2d.dtype)
+    has_lora = lora_l is not None and R > 0
+    kernel = _fused_matmul_kernel()
+    common = dict(BLOCK_M=plan.block_m, BLOCK_R=max(16, _next_pow2(R)), GROUP_M=cfg.group_m,
+                  HAS_BIAS=bias is not None, HAS_LORA=has_lora, LORA_PRECISION=precision,
+                  BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    args = (
+        x2d, w, bias if bias is not None else x2d, lora_l if has_lora else x2d, q if has_lora else w, out,
+        plan.sorted_idx, plan.tile_adapter, plan.tile_start, plan.tile_end,
+        plan.num_tiles, N, K, R,
+        x2d.stride(0), x2d.stride(1),
+        *w_strides,
+        lora_l.stride(0) if has_lora else 0, lora_l.stride(1) if has_lora else 0,
+        *(q_strides if has_lora else (0, 0, 0)),
+        out.stride(0), out.stride(1),
+    )
+    if triton_interpreting():
+        grid = (plan.num_tiles * _cdiv(N, cfg.block_n),)
+        kernel[grid](*args, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **common,
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        grid = lambda meta: (plan.num_tiles * _cdiv(N, meta["BLOCK_N"]),)
+        kernel[grid](*args, **common)
+    return out
+
+
+def _segment_grad(lora_l, r_mat, plan: SegmentPlan, R: int, D: int, transpose_out: bool, cfg, precision):
+    """G[a] = sum over a's tokens of lora_l[t, :R]^T r_mat[t, :D], as fp32 [n, R, D] ([n, D, R] if
+    transpose_out)."""
+    from abs_fast.kernels import lora as k
+
+    n = plan.n_adapters
+    splits = cfg.grad_splits
+    shape = (splits, n, D, R) if transpose_out else (splits, n, R, D)
+    partial = torch.empty(shape, device=r_mat.device, dtype=torch.float32)
+    s_split, s_adapter = partial.stride(0), partial.stride(1)
+    s_r, s_d = (partial.stride(3), partial.stride(2)) if transpose_out else (partial.stride(2), partial.stride(3))
+    block_d = 64
+    k.lora_segment_grad_kernel[(_cdiv(D, block_d), n, splits)](
+        lora_l, r_mat, partial,
+        plan.sorted_idx, plan.seg_start, plan.seg_count,
+        D, R, splits,
+        lora_l.stride(0), lora_l.stride(1),
+        r_mat.stride(0), r_mat.stride(1),
+        s_split, s_adapter, s_r, s_d,
+        BLOCK_M=plan.block_m, BLOCK_R=max(16, _next_pow2(R)), BLOCK_D=block_d,
+        LORA_PRECISION=precision,
+        num_warps=cfg.num_warps,
+    )
+    return partial[0] if splits == 1 else partial.sum(0)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Triton forward and backward of `lora_linear` on 2-D inputs."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias):
+        T, K = x2d.shape
+        N = weight.shape[0]
+        n, R = lora_a.shape[0], lora_a.shape[1]
+        cfg = kernel_config(T, N, K, n, x2d.device)
+        plan = segment_plan(adapter_ids, n, cfg.block_m)
+        precision = _lora_precision(x2d.dtype)
+        shrunk = None
+        if T > 0 and n > 0 and R > 0:
+            shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
+                             scaling, plan, R, cfg, precision)
+        if T > 0:
+            y = _fused_matmul(x2d, weight, (weight.stride(0), weight.stride(1)), N, bias,
+                              shrunk, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)),
+                              R, plan, cfg, precision)
+        else:
+            y = x2d.new_empty(0, N)
+        ctx.save_for_backward(x2d, weight, lora_a, lora_b, scaling, shrunk)
+        ctx.plan, ctx.cfg, ctx.precision = plan, cfg, precision
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_a, lora_b, scaling, shrunk = ctx.saved_tensors
+        plan, cfg, precision = ctx.plan, ctx.cfg, ctx.precision
+        need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
+        T, K = x2d.shape
+        N = weight.shape[0]
+        n, R = lora_a.shape[0], lora_a.shape[1]
+        dx = da = db = None
+        if T == 0 or n == 0 or R == 0:
+            if need_x:
+                dx = dy @ weight if T > 0 else torch.zeros_like(x2d)
+            if need_a:
+                da = torch.zeros_like(lora_a)
+            if need_b:
+                db = torch.zeros_like(lora_b)
+            return dx, None, da, db, None, None, None
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        d_shrunk = None
+        if need_x or need_a:
+            # dS[t] = s[a] * dY[t] @ B[a]: the shrink kernel reading P[a][j, n] = B[a][n, j]
+            d_shrunk = _shrink(dy, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
+                               scaling, plan, R, cfg, precision)
+        if need_x:
+            # dX = dY @ W + dS @ A[a]: the fused matmul reading Wmat[k, n] = W[n, k], Q[a][k, j] = A[a][j, k]
+            dx = _fused_matmul(dy, weight, (weight.stride(1), weight.stride(0)), K, None,
+                               d_shrunk, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
+                               R, plan, cfg, precision)
+        if need_a:
+            da = _segment_grad(d_shrunk, x2d, plan, R, K, False, cfg, precision).to(lora_a.dtype)
+        if need_b:
+            db = _segment_grad(shrunk, dy, plan, R, N, True, cfg, precision).to(lora_b.dtype)
+        return dx, None, da, db, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    scaling: torch.Tensor | Sequence[float],
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Frozen base linear plus one LoRA adapter per token, all adapters in one pass.
+
+    x [..., K]; weight [N, K] (frozen); lora_a [n_adapters, r, K]; lora_b [n_adapters, N, r];
+    adapter_ids [...] int, one per token (-1 = base only); scaling [n_adapters] (alpha / r).
+    Returns [..., N] in x's dtype. `backend` ("auto", "triton", "reference") overrides the
+    automatic choice (Triton on a GPU or under TRITON_INTERPRET=1, else the PyTorch reference).
+    """
+    chosen = select_backend(x.device, x.dtype, backend)
+    if chosen == "reference":
+        return lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias)
+    T, N, K, n, r = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
+    scaling = _as_scaling(scaling, n, x.device)
+    x2d = x.reshape(T, K)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    if adapter_ids.dim() != 1:  # keep the caller's tensor object when possible: plans are cached on it
+        adapter_ids = adapter_ids.reshape(T)
+    y = LoRALinearFunction.apply(x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias)
+    return y.reshape(*x.shape[:-1], N)
