@@ -3,6 +3,7 @@
 The stock interpreter (triton 3.x) has gaps that are not bugs in our kernels (KERNELS.md):
 - bf16 operands of tl.dot are multiplied as their raw uint16 bits, and bf16 arithmetic likewise:
   both are computed here in fp32 and rounded back to bf16, as a GPU's fp32-accumulating MMA does;
+- fp32 -> bf16 casts truncate the mantissa; compiled Triton rounds to nearest even: so do we here;
 - a Python float kernel argument stays a plain float (so `.to()` on it fails): it becomes an fp32
   scalar, as on a GPU;
 - `tl.extra.libdevice` functions return None: not patched; abs-fast kernels do not use libdevice.
@@ -11,6 +12,7 @@ The stock interpreter (triton 3.x) has gaps that are not bugs in our kernels (KE
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def patch_triton_interpreter() -> None:
@@ -24,6 +26,13 @@ def patch_triton_interpreter() -> None:
     original_dot = builder.create_dot
     original_binary_op = builder.binary_op
     original_cvt = interp._implicit_cvt
+    original_cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            rounded = torch.from_numpy(np.array(src.data, dtype=np.float32)).to(torch.bfloat16)
+            return interp.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
+        return original_cast(self, src, dst_type)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         if a.dtype.scalar == tl.bfloat16:
@@ -43,6 +52,7 @@ def patch_triton_interpreter() -> None:
             return tl.tensor(interp.TensorHandle(np.array([arg], dtype=np.float32), tl.float32), tl.float32)
         return original_cvt(arg)
 
+    builder.cast_impl = cast_impl
     builder.create_dot = create_dot
     builder.binary_op = binary_op
     interp._implicit_cvt = implicit_cvt

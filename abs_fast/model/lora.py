@@ -1,0 +1,120 @@
+"""MultiLoRALinear: one frozen base linear and any number of named LoRA adapters.
+
+Each token of a batch picks its adapter by index (`adapter_ids`, -1 = base only), so the attacker,
+the defender and the adapter-free KL reference run through the layer in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abs_fast.ops import lora_linear
+
+__all__ = ["MultiLoRALinear"]
+
+
+class MultiLoRALinear(nn.Module):
+    """A frozen `weight` [out, in] (+ `bias`) with adapters `lora_A[name]` [r, in], `lora_B[name]` [out, r].
+
+    Adapter initialisation follows PEFT: A Kaiming-uniform (a = sqrt(5)), B zero, so a new adapter
+    starts as the identity on the base; each adapter scales its update by alpha / r. Adapter ids
+    index `adapter_names` in the order the adapters were added.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        if self.weight.device.type != "meta":
+            # nn.Linear's default initialisation, for a layer built on its own
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None:
+                bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.ranks: dict[str, int] = {}
+        self.alphas: dict[str, float] = {}
+        self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
+        """Wrap an existing nn.Linear's weight and bias (shared, not copied) and freeze them."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device="meta", dtype=linear.weight.dtype)
+        layer.weight = nn.Parameter(linear.weight.data, requires_grad=False)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        layer.scaling = torch.empty(0, dtype=torch.float32, device=linear.weight.device)
+        return layer
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_id(self, name: str) -> int:
+        try:
+            return self.adapter_names.index(name)
+        except ValueError:
+            raise KeyError(f"no adapter named {name!r}; this layer has {self.adapter_names}") from None
+
+    def add_adapter(self, name: str, rank: int = 16, alpha: float = 32.0, dtype: torch.dtype = torch.float32,
+                    generator: torch.Generator | None = None) -> None:
+        if not name.isidentifier():
+            raise ValueError(f"adapter name must be a Python identifier, got {name!r}")
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        device = self.weight.device
+        lora_a = torch.empty(rank, self.in_features, device=device, dtype=dtype)
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        self.lora_A[name] = nn.Parameter(lora_a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=dtype))
+        self.ranks[name] = rank
+        self.alphas[name] = float(alpha)
+        self._refresh_scaling()
+
+    def delete_adapter(self, name: str) -> None:
+        self.adapter_id(name)  # raises a clear KeyError for an unknown name
+        del self.lora_A[name], self.lora_B[name], self.ranks[name], self.alphas[name]
+        self._refresh_scaling()
+
+    def _refresh_scaling(self) -> None:
+        values = [self.alphas[n] / self.ranks[n] for n in self.adapter_names]
+        self.scaling = torch.tensor(values, dtype=torch.float32, device=self.weight.device)
+
+    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_a [n, r_max, in] and lora_b [n, out, r_max]; smaller ranks are zero-padded (the
+        padding contributes nothing and its gradient is dropped by autograd)."""
+        names = self.adapter_names
+        r_max = max(self.ranks.values())
+        a = [F.pad(self.lora_A[n], (0, 0, 0, r_max - self.ranks[n])) for n in names]
+        b = [F.pad(self.lora_B[n], (0, r_max - self.ranks[n])) for n in names]
+        return torch.stack(a), torch.stack(b)
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
+        """x [..., in]; adapter_ids [...] (one per token) or [T]: indices into adapter_names, -1 = base."""
+        if not self.lora_A:
+            if adapter_ids.numel() and int(adapter_ids.max()) >= 0:
+                raise ValueError("adapter_ids select an adapter but this layer has none")
+            return F.linear(x, self.weight, self.bias)
+        lora_a, lora_b = self.stacked_adapters()
+        return lora_linear(x, self.weight, lora_a, lora_b, adapter_ids, self.scaling, self.bias)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={self.ranks[n]}, alpha={self.alphas[n]:g})" for n in self.adapter_names)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, adapters=[{adapters}]")
