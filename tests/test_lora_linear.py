@@ -20,9 +20,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # - bf16 outputs (y, dx): the kernel accumulates in fp32 and rounds once to bf16; round-to-nearest
 #   errs by at most half an ulp, 2^-9 of the value, so one ulp of the largest value (2^-8) bounds it.
 #   Inputs are rounded to bf16 before the float64 reference sees them, so input rounding is shared.
-# - LoRA gradients are fp32 (fp32 adapters) whatever the model dtype: fp32 tolerance.
+# - LoRA gradients are fp32 (fp32 adapters) whatever the model dtype: fp32 tolerance, except on a
+#   GPU with a 16-bit model, where LoRA products run in tf32 (operands rounded to 10 mantissa bits,
+#   2^-11 relative each): sums of such products with random signs stay within 2^-9 of the largest.
 FP32_REL = 1e-5
 BF16_REL = 2.0**-8
+TF32_REL = 2.0**-9
 
 
 def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
@@ -108,6 +111,8 @@ def check_against_float64(backend, case, dtype, seed, lora_dtype=torch.float32):
     want = float64_reference(*inputs)
     out_rel = BF16_REL if dtype == torch.bfloat16 else FP32_REL
     lora_rel = BF16_REL if lora_dtype == torch.bfloat16 else FP32_REL
+    if backend == "triton" and DEVICE == "cuda" and dtype != torch.float32:
+        lora_rel = max(lora_rel, TF32_REL)
     for name, g, w, rel in zip(("y", "dx", "d_lora_a", "d_lora_b"), got, want,
                                (out_rel, out_rel, lora_rel, lora_rel), strict=True):
         assert g.dtype == (dtype if name in ("y", "dx") else lora_dtype), f"{name} dtype {g.dtype}"
@@ -295,3 +300,13 @@ def test_unknown_backend_is_rejected(monkeypatch):
     monkeypatch.setenv("ABS_FAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="ABS_FAST_BACKEND"):
         lora_linear(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(3584, 3584), (512, 3584), (3584, 18944)], ids=["q", "kv", "down"])
+def test_compiled_kernels_at_qwen_shapes(shape, dtype, rng_seed):
+    """The autotuned GPU path at Qwen2.5-7B layer shapes, 3 adapters + base rows, ragged counts."""
+    N, K = shape
+    case = Case(T=1531, K=K, N=N, n_adapters=3, rank=16)
+    check_against_float64("triton", case, dtype, rng_seed)

@@ -407,7 +407,7 @@ def lora_linear(
     chosen = select_backend(x.device, x.dtype, backend)
     if chosen == "reference":
         return lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias)
-    T, N, K, n, r = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
+    T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
     scaling = _as_scaling(scaling, n, x.device)
     x2d = x.reshape(T, K)
     if x2d.stride(-1) != 1:
