@@ -8,6 +8,7 @@ lora_b; the base weight and bias are frozen and receive no gradient.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -208,11 +209,16 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=32, block_k=32, group_m=2,
                                   grad_splits=2)
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def kernel_config(T: int, N: int, K: int, n_adapters: int, device: torch.device) -> KernelConfig:
     if triton_interpreting():
         return INTERPRETER_CONFIG
     block_m = 16 if T <= 16 else 32 if T <= 32 else 64 if T <= 512 else 128
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     tiles = _cdiv(T, block_m) + n_adapters
     # shrink: split K when the tiles alone cannot fill the GPU (decode, small batches)
     split_k = max(1, min(_cdiv(2 * sms, max(tiles, 1)), K // 256))
