@@ -1,0 +1,5 @@
+"""Quantised frozen weights: NF4, bit-compatible with bitsandbytes."""
+
+from abs_fast.quant.nf4 import NF4_CODE, NF4Weight, dynamic_code
+
+__all__ = ["NF4_CODE", "NF4Weight", "dynamic_code"]

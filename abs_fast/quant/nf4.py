@@ -1,0 +1,210 @@
+"""NF4 weights, bit-compatible with bitsandbytes' `quantize_4bit(quant_type="nf4")`.
+
+Format (KERNELS.md): the weight is flattened row-major and cut into blocks of `blocksize` elements.
+Each block stores one absmax, and each element stores the index (4 bits) of the NF4 code value
+nearest to element / absmax. Element 2j goes in the high nibble of byte j, element 2j+1 in the low
+nibble. With double quantisation (bitsandbytes' `compress_statistics=True`), the absmax values minus
+their mean are themselves quantised in blocks of 256, to 8-bit indices into bitsandbytes' signed
+dynamic code, with one fp32 scale per 256 blocks.
+
+The arithmetic below follows bitsandbytes' rounding where it decides the bits: full blocks are
+scaled by the reciprocal of their absmax, a trailing partial block is divided by its own absmax,
+values are clamped to [-1, 1], and a value exactly half-way between two codes takes the lower one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["NF4_CODE", "NF4Weight", "dynamic_code"]
+
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], dtype=torch.float32)
+
+NESTED_BLOCKSIZE = 256  # blocks of absmax values per fp32 scale under double quantisation
+_CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time: bounds the working memory of a huge layer
+
+
+def dynamic_code() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code (256 values, ascending), used for nested absmax.
+
+    Seven decades 10^-6 .. 10^0; decade i holds 2^i values (the midpoints of an even split of
+    [0.1, 1]) of each sign; plus 0 and 1.
+    """
+    values: list[float] = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        decade = 10 ** (i - 6)
+        values += (decade * midpoints).tolist()
+        values += (-decade * midpoints).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _midpoints(code: torch.Tensor) -> torch.Tensor:
+    return (code[:-1] + code[1:]) / 2
+
+
+def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-code indices (int64) and per-block absmax (fp32) of a flat tensor, chunk by chunk."""
+    n = flat.numel()
+    n_full = n - n % blocksize
+    bounds = _midpoints(code.to(flat.device))
+    indices = torch.empty(n, dtype=torch.uint8, device=flat.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
+    chunk = _CHUNK_BLOCKS * blocksize
+    for start in range(0, n_full, chunk):
+        stop = min(start + chunk, n_full)
+        blocks = flat[start:stop].float().view(-1, blocksize)
+        block_absmax = blocks.abs().amax(dim=1)
+        scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38))[:, None], -1, 1)
+        indices[start:stop] = torch.bucketize(scaled.reshape(-1), bounds).to(torch.uint8)
+        absmax[start // blocksize: stop // blocksize] = block_absmax
+    if n_full < n:
+        tail = flat[n_full:].float()
+        tail_absmax = tail.abs().amax().clamp(min=1e-38)
+        indices[n_full:] = torch.bucketize(torch.clamp(tail / tail_absmax, -1, 1), bounds).to(torch.uint8)
+        absmax[-1] = tail_absmax
+    return indices, absmax
+
+
+def _expand_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """values[i] * scales[i // blocksize] in fp32."""
+    n = values.numel()
+    n_full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=values.device)
+    out[:n_full] = (values[:n_full].view(-1, blocksize) * scales[: n_full // blocksize, None]).reshape(-1)
+    if n_full < n:
+        out[n_full:] = values[n_full:] * scales[-1]
+    return out
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A frozen weight in NF4: packed 4-bit codes plus per-block statistics.
+
+    `absmax` holds fp32 scales, or uint8 indices into `nested_code` when double-quantised, with
+    `nested_absmax` (fp32 per 256 blocks) and `nested_offset` (fp32 scalar) completing it.
+    """
+
+    packed: torch.Tensor  # uint8 [(numel + 1) // 2]
+    absmax: torch.Tensor  # fp32 [n_blocks], or uint8 [n_blocks] when double-quantised
+    shape: torch.Size
+    dtype: torch.dtype  # the dtype the weight had, and dequantises to by default
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None  # fp32 [ceil(n_blocks / 256)]
+    nested_offset: torch.Tensor | None = None  # fp32 scalar
+    nested_code: torch.Tensor | None = None  # fp32 [256]
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @classmethod
+    def quantize(cls, w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+        if blocksize < 2 or blocksize & (blocksize - 1):
+            raise ValueError(f"blocksize must be a power of two >= 2, got {blocksize}")
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"NF4 quantises fp32/bf16/fp16 weights, got {w.dtype}")
+        if w.numel() == 0:
+            raise ValueError("cannot quantise an empty weight")
+        with torch.no_grad():
+            flat = w.detach().reshape(-1)
+            indices, absmax = _quantize_blocks(flat, blocksize, NF4_CODE)
+            if indices.numel() % 2:  # the spare low nibble holds the code of 0.0, as bitsandbytes writes it
+                pad = torch.bucketize(torch.zeros(1, device=indices.device), _midpoints(NF4_CODE.to(indices.device)))
+                indices = torch.cat([indices, pad.to(torch.uint8)])
+            packed = (indices[0::2] << 4) | indices[1::2]
+            if not double_quant:
+                return cls(packed, absmax, w.shape, w.dtype, blocksize)
+            offset = absmax.mean()
+            code2 = dynamic_code().to(w.device)
+            absmax_q, absmax2 = _quantize_blocks(absmax - offset, NESTED_BLOCKSIZE, code2)
+            return cls(packed, absmax_q, w.shape, w.dtype, blocksize, absmax2, offset, code2)
+
+    def block_absmax(self) -> torch.Tensor:
+        """The fp32 scale of every block (decoding the nested statistics if double-quantised)."""
+        if not self.double_quant:
+            return self.absmax
+        nested = self.nested_code[self.absmax.long()]
+        return _expand_blocks(nested, self.nested_absmax, NESTED_BLOCKSIZE) + self.nested_offset
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense tensor (fp32 products, then cast), as bitsandbytes computes it."""
+        codes = torch.empty(self.packed.numel() * 2, dtype=torch.long, device=self.device)
+        codes[0::2] = (self.packed >> 4).long()
+        codes[1::2] = (self.packed & 0xF).long()
+        values = NF4_CODE.to(self.device)[codes[: self.numel]]
+        out = _expand_blocks(values, self.block_absmax(), self.blocksize)
+        return out.view(self.shape).to(dtype or self.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes stored for this weight: packed codes and every statistic."""
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.nested_offset, self.nested_code]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def bits_per_parameter(self) -> float:
+        return 8 * self.nbytes() / self.numel
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax),
+                       nested_absmax=move(self.nested_absmax), nested_offset=move(self.nested_offset),
+                       nested_code=move(self.nested_code))
+
+    # --- bitsandbytes interop -------------------------------------------------------------
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Weight:
+        """Wrap bitsandbytes' `quantize_4bit(..., quant_type="nf4")` output (no copy of the codes)."""
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"quant_state.quant_type is {quant_state.quant_type!r}; only 'nf4' is supported")
+        code = quant_state.code.detach().float().cpu()
+        if code.numel() != 16 or not torch.equal(code, NF4_CODE):
+            raise ValueError("quant_state.code is not the NF4 code table")
+        shape = torch.Size(quant_state.shape)
+        if packed.dtype != torch.uint8:
+            packed = packed.contiguous().view(torch.uint8)
+        packed = packed.reshape(-1)
+        if packed.numel() != (math.prod(shape) + 1) // 2:
+            raise ValueError(f"packed has {packed.numel()} bytes; a {tuple(shape)} weight needs "
+                             f"{(math.prod(shape) + 1) // 2}")
+        if quant_state.nested:
+            state2 = quant_state.state2
+            if state2.blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"nested blocksize {state2.blocksize} is not supported (expected 256)")
+            offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device)
+            return cls(packed, quant_state.absmax, shape, quant_state.dtype, quant_state.blocksize,
+                       state2.absmax.float(), offset.reshape(()), state2.code.float())
+        return cls(packed, quant_state.absmax.float(), shape, quant_state.dtype, quant_state.blocksize)
+
+    def to_bnb(self):
+        """(packed [bytes, 1] uint8, bitsandbytes QuantState) for bitsandbytes' own 4-bit functions."""
+        from bitsandbytes.functional import QuantState
+
+        code = NF4_CODE.to(self.device)
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE,
+                                dtype=torch.float32)
+            state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                               quant_type="nf4", dtype=self.dtype, offset=self.nested_offset, state2=state2)
+        else:
+            state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                               quant_type="nf4", dtype=self.dtype)
+        return self.packed.view(-1, 1), state
