@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FP32_REL, assert_close_rel
 
 import abs_fast.ops.lora as ll
 from abs_fast.ops import lora_linear, lora_linear_reference
@@ -23,16 +24,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # - LoRA gradients are fp32 (fp32 adapters) whatever the model dtype: fp32 tolerance, except on a
 #   GPU with a 16-bit model, where LoRA products run in tf32 (operands rounded to 10 mantissa bits,
 #   2^-11 relative each): sums of such products with random signs stay within 2^-9 of the largest.
-FP32_REL = 1e-5
 BF16_REL = 2.0**-8
 TF32_REL = 2.0**-9
-
-
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    assert err <= rel * max(scale, 1e-30), f"{what}: max error {err:.3e} > {rel:.1e} * {scale:.3e}"
 
 
 @dataclass
