@@ -87,7 +87,7 @@ def _expand_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: field-wise == would compare tensors
 class NF4Weight:
     """A frozen weight in NF4: packed 4-bit codes plus per-block statistics.
 
