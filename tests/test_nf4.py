@@ -107,8 +107,6 @@ def test_dequantize_equals_bitsandbytes_on_the_same_bytes(shape, double_quant, o
     # and the other way: our bytes through bitsandbytes' dequantiser
     mine = NF4Weight.quantize(w, double_quant=double_quant)
     assert torch.equal(bnb_functional.dequantize_4bit(*mine.to_bnb()), mine.dequantize())
-    assert torch.equal(mine.dequantize(torch.float32), bnb_functional.dequantize_4bit(*mine.to_bnb()).float()) \
-        or out_dtype != torch.float32
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)

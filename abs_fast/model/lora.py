@@ -101,6 +101,8 @@ class MultiLoRALinear(nn.Module):
         padding contributes nothing and its gradient is dropped by autograd)."""
         names = self.adapter_names
         r_max = max(self.ranks.values())
+        if all(self.ranks[n] == r_max for n in names):  # the usual case: no padding copies
+            return torch.stack([self.lora_A[n] for n in names]), torch.stack([self.lora_B[n] for n in names])
         a = [F.pad(self.lora_A[n], (0, 0, 0, r_max - self.ranks[n])) for n in names]
         b = [F.pad(self.lora_B[n], (0, r_max - self.ranks[n])) for n in names]
         return torch.stack(a), torch.stack(b)

@@ -14,6 +14,7 @@ values are clamped to [-1, 1], and a value exactly half-way between two codes ta
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -32,12 +33,20 @@ NESTED_BLOCKSIZE = 256  # blocks of absmax values per fp32 scale under double qu
 _CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time: bounds the working memory of a huge layer
 
 
+NF4_ZERO_INDEX = 7  # NF4_CODE[7] == 0.0: bitsandbytes fills the spare nibble of an odd count with it
+
+
 def dynamic_code() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code (256 values, ascending), used for nested absmax.
 
     Seven decades 10^-6 .. 10^0; decade i holds 2^i values (the midpoints of an even split of
     [0.1, 1]) of each sign; plus 0 and 1.
     """
+    return _dynamic_code_cpu().clone()
+
+
+@functools.cache
+def _dynamic_code_cpu() -> torch.Tensor:
     values: list[float] = []
     for i in range(7):
         edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
@@ -127,14 +136,13 @@ class NF4Weight:
         with torch.no_grad():
             flat = w.detach().reshape(-1)
             indices, absmax = _quantize_blocks(flat, blocksize, NF4_CODE)
-            if indices.numel() % 2:  # the spare low nibble holds the code of 0.0, as bitsandbytes writes it
-                pad = torch.bucketize(torch.zeros(1, device=indices.device), _midpoints(NF4_CODE.to(indices.device)))
-                indices = torch.cat([indices, pad.to(torch.uint8)])
+            if indices.numel() % 2:
+                indices = torch.cat([indices, indices.new_full((1,), NF4_ZERO_INDEX)])
             packed = (indices[0::2] << 4) | indices[1::2]
             if not double_quant:
                 return cls(packed, absmax, w.shape, w.dtype, blocksize)
             offset = absmax.mean()
-            code2 = dynamic_code().to(w.device)
+            code2 = _dynamic_code_cpu().to(w.device, copy=True)
             absmax_q, absmax2 = _quantize_blocks(absmax - offset, NESTED_BLOCKSIZE, code2)
             return cls(packed, absmax_q, w.shape, w.dtype, blocksize, absmax2, offset, code2)
 
