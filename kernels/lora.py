@@ -13,6 +13,12 @@ The LoRA expand term initialises the base GEMM's fp32 accumulator, so the output
 LoRA-side products (shrink, expand, segment grads) run in fp32 (tf32 on tensor cores for 16-bit
 models, IEEE for fp32 models); the base product runs in the model's dtype with fp32 accumulation.
 Tiles whose adapter is -1 skip all adapter work; padding tiles (adapter -2) do nothing.
+
+With W_NF4 the fused matmul reads the base weight as NF4 (packed bytes, the 16-entry code table and
+one fp32 scale per block) and decodes each weight tile inside the K-loop: code * scale in fp32,
+rounded to the activations' dtype, exactly as a separate dequantisation would produce it. Elements
+are addressed by their flat index in W's row-major storage, so forward (W) and backward (W^T) read
+the same packed bytes, and no dense copy of W ever exists.
 """
 
 import triton
@@ -63,7 +69,7 @@ def lora_shrink_kernel(
 
 @triton.jit
 def lora_fused_matmul_kernel(
-    x_ptr, w_ptr, bias_ptr, l_ptr, q_ptr, out_ptr,
+    x_ptr, w_ptr, w_code_ptr, w_scale_ptr, bias_ptr, l_ptr, q_ptr, out_ptr,
     sorted_idx_ptr, tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
     num_tiles, N, K, R,
     stride_xm, stride_xk,
@@ -74,10 +80,13 @@ def lora_fused_matmul_kernel(
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, LORA_PRECISION: tl.constexpr, BASE_IEEE: tl.constexpr,
+    W_NF4: tl.constexpr = False, W_BLOCKSIZE_LOG2: tl.constexpr = 6, W_INDEX_I64: tl.constexpr = False,
 ):
     """out[t, n] = x[t] @ w[n]^T (+ bias[n]) + l[t, :R] @ q[a, n, :R]^T, one tile of one adapter.
 
     w is addressed through (stride_wn, stride_wk), so the backward pass reads W^T from W's storage.
+    With W_NF4, w_ptr holds packed NF4 bytes and (stride_wn, stride_wk) are element strides of the
+    flat row-major weight; w_code_ptr is the 16-entry code table, w_scale_ptr the fp32 block scales.
     """
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -112,17 +121,31 @@ def lora_fused_matmul_kernel(
                 acc = tl.dot(lo.to(tl.float32), q.to(tl.float32), acc, input_precision=LORA_PRECISION)
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        if W_NF4:
+            if W_INDEX_I64:
+                w_flat = offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk
+            else:
+                w_flat = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        else:
+            w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            if W_NF4:
+                packed = tl.load(w_ptr + (w_flat >> 1), mask=w_mask, other=0)
+                nibble = tl.where((w_flat & 1) == 0, packed >> 4, packed & 0xF).to(tl.int32)
+                scale = tl.load(w_scale_ptr + (w_flat >> W_BLOCKSIZE_LOG2), mask=w_mask, other=0.0)
+                w = (tl.load(w_code_ptr + nibble) * scale).to(x_ptr.dtype.element_ty)
+                w_flat += BLOCK_K * stride_wk
+            else:
+                w = tl.load(w_ptrs, mask=w_mask, other=0.0)
+                w_ptrs += BLOCK_K * stride_wk
             if BASE_IEEE:  # fp32 models without tf32: exact products, as torch does by default
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, w, acc)
             x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on

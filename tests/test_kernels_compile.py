@@ -24,6 +24,7 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from abs_fast.kernels import lora as k
+    from abs_fast.kernels import nf4 as k_nf4
 
     def compile_kernel(fn, pointer_types, constexprs, arch, num_warps=8, num_stages=3):
         signature, attrs = {}, {}
@@ -47,25 +48,43 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
     plan = {"sorted_idx_ptr": "*i32", "tile_adapter_ptr": "*i32", "tile_start_ptr": "*i32", "tile_end_ptr": "*i32"}
     precision = "ieee" if dtype == "fp32" else "tf32"
     report = {}
+    w_extra = {"w_code_ptr": "*fp32", "w_scale_ptr": "*fp32"}
     fused_common = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if dtype != "fp32" else 32, BLOCK_R=16, GROUP_M=8,
-                        LORA_PRECISION=precision, BASE_IEEE=dtype == "fp32")
+                        LORA_PRECISION=precision, BASE_IEEE=dtype == "fp32", W_NF4=False, W_BLOCKSIZE_LOG2=6,
+                        W_INDEX_I64=False)
     # forward: W [N, K] row-major (stride_wk = 1), bias, LoRA expand from fp32 S'
     fwd = compile_kernel(k.lora_fused_matmul_kernel,
-                         {"x_ptr": act, "w_ptr": act, "bias_ptr": act, "l_ptr": "*fp32", "q_ptr": "*fp32",
+                         {"x_ptr": act, "w_ptr": act, **w_extra, "bias_ptr": act, "l_ptr": "*fp32", "q_ptr": "*fp32",
                           "out_ptr": act, **plan},
                          dict(fused_common, HAS_BIAS=True, HAS_LORA=True, stride_xk=1, stride_wk=1, stride_on=1,
                               stride_lr=1, stride_qr=1), arch)
     # backward dX: reads W^T from W's storage (stride_wn = 1), expand from dS through A^T
     bwd = compile_kernel(k.lora_fused_matmul_kernel,
-                         {"x_ptr": act, "w_ptr": act, "bias_ptr": act, "l_ptr": "*fp32", "q_ptr": "*fp32",
+                         {"x_ptr": act, "w_ptr": act, **w_extra, "bias_ptr": act, "l_ptr": "*fp32", "q_ptr": "*fp32",
                           "out_ptr": act, **plan},
                          dict(fused_common, HAS_BIAS=False, HAS_LORA=True, stride_xk=1, stride_wn=1, stride_on=1,
                               stride_lr=1, stride_qn=1), arch)
     base_only = compile_kernel(k.lora_fused_matmul_kernel,
-                               {"x_ptr": act, "w_ptr": act, "bias_ptr": act, "l_ptr": "*fp32", "q_ptr": "*fp32",
-                                "out_ptr": act, **plan},
+                               {"x_ptr": act, "w_ptr": act, **w_extra, "bias_ptr": act, "l_ptr": "*fp32",
+                                "q_ptr": "*fp32", "out_ptr": act, **plan},
                                dict(fused_common, HAS_BIAS=False, HAS_LORA=False, stride_xk=1, stride_wk=1,
                                     stride_on=1), arch)
+    # NF4 base decoded in the K-loop: forward reads W, backward reads W^T, from the same packed bytes
+    nf4_ptrs = {"x_ptr": act, "w_ptr": "*u8", **w_extra, "bias_ptr": act, "l_ptr": "*fp32", "q_ptr": "*fp32",
+                "out_ptr": act, **plan}
+    nf4_fwd = compile_kernel(k.lora_fused_matmul_kernel, nf4_ptrs,
+                             dict(fused_common, HAS_BIAS=False, HAS_LORA=True, W_NF4=True, stride_xk=1, stride_wk=1,
+                                  stride_on=1, stride_lr=1, stride_qr=1), arch)
+    nf4_bwd = compile_kernel(k.lora_fused_matmul_kernel, nf4_ptrs,
+                             dict(fused_common, HAS_BIAS=False, HAS_LORA=True, W_NF4=True, stride_xk=1, stride_wn=1,
+                                  stride_on=1, stride_lr=1, stride_qn=1), arch)
+    for double_quant in (True, False):
+        compile_kernel(k_nf4.nf4_dequantize_kernel,
+                       {"packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32", "code_ptr": "*fp32",
+                        "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "nested_offset_ptr": "*fp32",
+                        "out_ptr": act},
+                       dict(BLOCKSIZE_LOG2=6, DOUBLE_QUANT=double_quant, BLOCK_BYTES=1024), arch, num_warps=4,
+                       num_stages=1)
     for split_k in (1, 4):
         compile_kernel(k.lora_shrink_kernel,
                        {"x_ptr": act, "p_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32", **plan},
@@ -76,7 +95,8 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
                     "seg_start_ptr": "*i32", "seg_count_ptr": "*i32"},
                    dict(BLOCK_M=128, BLOCK_R=16, BLOCK_D=64, LORA_PRECISION=precision, stride_lr=1, stride_rd=1,
                         stride_od=1), arch, num_warps=4, num_stages=2)
-    for name, kernel in (("fwd", fwd), ("bwd", bwd), ("base_only", base_only)):
+    for name, kernel in (("fwd", fwd), ("bwd", bwd), ("base_only", base_only), ("nf4_fwd", nf4_fwd),
+                         ("nf4_bwd", nf4_bwd)):
         report[name] = {"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared}
     print(json.dumps({name: {"async": r["ptx"].count("cp.async"),
                              "mma": len(re.findall(r"\b(?:wgmma|mma)\.", r["ptx"])),

@@ -1,5 +1,6 @@
-"""Differentiable ops with dispatch: Triton on a GPU (or under the interpreter), PyTorch reference otherwise."""
+"""Ops with a Triton kernel, a native or PyTorch fallback, and one dispatch rule (see backend.py)."""
 
 from abs_fast.ops.lora import lora_linear, lora_linear_reference
+from abs_fast.ops.nf4 import nf4_dequantize
 
-__all__ = ["lora_linear", "lora_linear_reference"]
+__all__ = ["lora_linear", "lora_linear_reference", "nf4_dequantize"]

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from abs_fast.ops.backend import select_backend, triton_interpreting
+from abs_fast.ops.nf4 import code_table, nf4_dequantize, nf4_linear_reference, nf4_path
+from abs_fast.quant.nf4 import NF4Weight
 
 __all__ = ["KernelConfig", "SegmentPlan", "lora_linear", "lora_linear_reference", "segment_plan"]
 
@@ -45,7 +47,10 @@ def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
     K = x.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != K:
+    nf4 = isinstance(weight, NF4Weight)
+    if not nf4 and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or an NF4Weight, got {type(weight).__name__}")
+    if len(weight.shape) != 2 or weight.shape[1] != K:
         raise ValueError(f"weight must be [N, K] with K={K} (x's last dim), got {tuple(weight.shape)}")
     N = weight.shape[0]
     if lora_a.dim() != 3 or lora_a.shape[2] != K:
@@ -61,12 +66,15 @@ def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
         raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be [N]=[{N}], got {tuple(bias.shape)}")
-    if weight.dtype != x.dtype:
+    if nf4:  # dequantised to x's dtype
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise TypeError(f"an NF4 weight multiplies fp32/bf16/fp16/fp64 inputs, got x dtype {x.dtype}")
+    elif weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("adapter_ids", adapter_ids)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if torch.is_grad_enabled() and ((not nf4 and weight.requires_grad) or (bias is not None and bias.requires_grad)):
         raise ValueError("lora_linear keeps the base frozen: weight and bias get no gradient; "
                          "call requires_grad_(False) on them")
     return T, N, K, n, r
@@ -89,6 +97,8 @@ def _check_id_range(adapter_ids: torch.Tensor, n_adapters: int) -> None:
 def lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias=None):
     """Plain PyTorch: the base product plus every adapter's LoRA term masked to its own tokens.
 
+    An NF4 weight is dequantised to x's dtype for the base product (and again in backward).
+
     All adapters are stacked into one shrink and one expand GEMM ([T, n*r] in between), so the cost
     is two small GEMMs however many adapters there are. The LoRA branch runs in the adapters' dtype
     (x is cast to it, as PEFT does) and is added to the base output in x's dtype.
@@ -97,7 +107,7 @@ def lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias=
     _check_id_range(adapter_ids, n)
     scaling = _as_scaling(scaling, n, x.device)
     x2d = x.reshape(T, K)
-    y = F.linear(x2d, weight, bias)
+    y = nf4_linear_reference(x2d, weight, bias) if isinstance(weight, NF4Weight) else F.linear(x2d, weight, bias)
     if n > 0 and r > 0:
         ids = adapter_ids.reshape(T).to(torch.long)
         token_scale = (ids[:, None] == torch.arange(n, device=x.device)[None, :]).to(lora_a.dtype)
@@ -250,7 +260,7 @@ def _fused_matmul_kernel():
             for bn, bk, w, s in [(128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
                                  (128, 64, 4, 4), (64, 32, 4, 5)]
         ]
-        _autotuned["fused"] = triton.autotune(configs, key=["N", "K", "BLOCK_M", "HAS_LORA"])(
+        _autotuned["fused"] = triton.autotune(configs, key=["N", "K", "BLOCK_M", "HAS_LORA", "W_NF4"])(
             k.lora_fused_matmul_kernel)
     return _autotuned["fused"]
 
@@ -276,17 +286,67 @@ def _shrink(x2d, p, p_strides, scaling, plan: SegmentPlan, R: int, cfg: KernelCo
     return out
 
 
+@dataclass(frozen=True)
+class _NF4Operand:
+    """An NF4 base weight as the fused matmul reads it: packed codes, the code table, fp32 block scales."""
+
+    packed: torch.Tensor
+    code: torch.Tensor
+    scale: torch.Tensor
+    blocksize_log2: int
+    index_i64: bool
+
+
+def _nf4_operand(weight: NF4Weight) -> _NF4Operand:
+    # block scales are decoded from the nested statistics once per call (numel / blocksize floats)
+    return _NF4Operand(weight.packed, code_table(weight.device), weight.block_absmax(),
+                       weight.blocksize.bit_length() - 1, weight.numel >= 2**31)
+
+
+_scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _dequantize_to_scratch(weight: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight in one scratch buffer per (device, dtype), reused by every layer and pass.
+
+    Valid until the next call: the caller consumes it at once, on the same stream.
+    """
+    key = (weight.device, dtype)
+    buffer = _scratch.get(key)
+    if buffer is None or buffer.numel() < weight.numel:
+        _scratch.pop(key, None)
+        buffer = torch.empty(weight.numel, device=weight.device, dtype=dtype)
+        _scratch[key] = buffer
+    return nf4_dequantize(weight, dtype, out=buffer[: weight.numel], backend="triton")
+
+
+def _base_operand(weight, dtype: torch.dtype, transpose: bool):
+    """(operand, strides) for the fused matmul to read Wmat = W ([N, K]) or W^T ([K, N])."""
+    if isinstance(weight, NF4Weight):
+        K = weight.shape[1]
+        if nf4_path() == "fused":
+            return _nf4_operand(weight), ((1, K) if transpose else (K, 1))
+        weight = _dequantize_to_scratch(weight, dtype)
+    strides = (weight.stride(0), weight.stride(1))
+    return weight, (strides[::-1] if transpose else strides)
+
+
 def _fused_matmul(x2d, w, w_strides, N, bias, lora_l, q, q_strides, R, plan, cfg, precision):
-    """out[t] = x2d[t] @ Wmat^T (+ bias) + lora_l[t] @ Q[a]^T; Wmat[n, k] read through w_strides."""
+    """out[t] = x2d[t] @ Wmat^T (+ bias) + lora_l[t] @ Q[a]^T; Wmat[n, k] read through w_strides
+    (element strides; `w` is a dense tensor or an _NF4Operand)."""
     T, K = x2d.shape
     out = torch.empty(T, N, device=x2d.device, dtype=x2d.dtype)
     has_lora = lora_l is not None and R > 0
+    nf4 = isinstance(w, _NF4Operand)
     kernel = _fused_matmul_kernel()
     common = dict(BLOCK_M=plan.block_m, BLOCK_R=max(16, _next_pow2(R)), GROUP_M=cfg.group_m,
                   HAS_BIAS=bias is not None, HAS_LORA=has_lora, LORA_PRECISION=precision,
-                  BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+                  BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+                  W_NF4=nf4, W_BLOCKSIZE_LOG2=w.blocksize_log2 if nf4 else 6,
+                  W_INDEX_I64=w.index_i64 if nf4 else False)
     args = (
-        x2d, w, bias if bias is not None else x2d, lora_l if has_lora else x2d, q if has_lora else w, out,
+        x2d, w.packed if nf4 else w, w.code if nf4 else x2d, w.scale if nf4 else x2d,
+        bias if bias is not None else x2d, lora_l if has_lora else x2d, q if has_lora else x2d, out,
         plan.sorted_idx, plan.tile_adapter, plan.tile_start, plan.tile_end,
         plan.num_tiles, N, K, R,
         x2d.stride(0), x2d.stride(1),
@@ -332,7 +392,7 @@ def _segment_grad(lora_l, r_mat, plan: SegmentPlan, R: int, D: int, transpose_ou
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Triton forward and backward of `lora_linear` on 2-D inputs."""
+    """Triton forward and backward of `lora_linear` on 2-D inputs (dense or NF4 base)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias):
@@ -347,48 +407,52 @@ class LoRALinearFunction(torch.autograd.Function):
             shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
                              scaling, plan, R, cfg, precision)
         if T > 0:
-            y = _fused_matmul(x2d, weight, (weight.stride(0), weight.stride(1)), N, bias,
+            w, w_strides = _base_operand(weight, x2d.dtype, transpose=False)
+            y = _fused_matmul(x2d, w, w_strides, N, bias,
                               shrunk, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)),
                               R, plan, cfg, precision)
         else:
             y = x2d.new_empty(0, N)
-        ctx.save_for_backward(x2d, weight, lora_a, lora_b, scaling, shrunk)
+        # an NF4 base is kept as the object itself (its packed codes), never as a dense copy
+        nf4 = isinstance(weight, NF4Weight)
+        ctx.save_for_backward(x2d, None if nf4 else weight, lora_a, lora_b, scaling, shrunk)
+        ctx.nf4_weight = weight if nf4 else None
         ctx.plan, ctx.cfg, ctx.precision = plan, cfg, precision
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_a, lora_b, scaling, shrunk = ctx.saved_tensors
+        if ctx.nf4_weight is not None:
+            weight = ctx.nf4_weight
         plan, cfg, precision = ctx.plan, ctx.cfg, ctx.precision
         need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
         T, K = x2d.shape
-        N = weight.shape[0]
         n, R = lora_a.shape[0], lora_a.shape[1]
         dx = da = db = None
-        if T == 0 or n == 0 or R == 0:
-            if need_x:
-                dx = dy @ weight if T > 0 else torch.zeros_like(x2d)
-            if need_a:
-                da = torch.zeros_like(lora_a)
-            if need_b:
-                db = torch.zeros_like(lora_b)
-            return dx, None, da, db, None, None, None
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
+        has_lora = T > 0 and n > 0 and R > 0
         d_shrunk = None
-        if need_x or need_a:
+        if has_lora and (need_x or need_a):
             # dS[t] = s[a] * dY[t] @ B[a]: the shrink kernel reading P[a][j, n] = B[a][n, j]
             d_shrunk = _shrink(dy, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
                                scaling, plan, R, cfg, precision)
         if need_x:
-            # dX = dY @ W + dS @ A[a]: the fused matmul reading Wmat[k, n] = W[n, k], Q[a][k, j] = A[a][j, k]
-            dx = _fused_matmul(dy, weight, (weight.stride(1), weight.stride(0)), K, None,
-                               d_shrunk, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
-                               R, plan, cfg, precision)
+            if T == 0:
+                dx = torch.zeros_like(x2d)
+            else:
+                # dX = dY @ W + dS @ A[a]: the fused matmul reading Wmat[k, n] = W[n, k], Q[a][k, j] = A[a][j, k]
+                w, w_strides = _base_operand(weight, dy.dtype, transpose=True)
+                dx = _fused_matmul(dy, w, w_strides, K, None,
+                                   d_shrunk, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
+                                   R, plan, cfg, precision)
         if need_a:
-            da = _segment_grad(d_shrunk, x2d, plan, R, K, False, cfg, precision).to(lora_a.dtype)
+            da = (_segment_grad(d_shrunk, x2d, plan, R, K, False, cfg, precision).to(lora_a.dtype)
+                  if has_lora else torch.zeros_like(lora_a))
         if need_b:
-            db = _segment_grad(shrunk, dy, plan, R, N, True, cfg, precision).to(lora_b.dtype)
+            db = (_segment_grad(shrunk, dy, plan, R, lora_b.shape[1], True, cfg, precision).to(lora_b.dtype)
+                  if has_lora else torch.zeros_like(lora_b))
         return dx, None, da, db, None, None, None
 
 
@@ -405,8 +469,8 @@ def lora_linear(
 ) -> torch.Tensor:
     """Frozen base linear plus one LoRA adapter per token, all adapters in one pass.
 
-    x [..., K]; weight [N, K] (frozen); lora_a [n_adapters, r, K]; lora_b [n_adapters, N, r];
-    adapter_ids [...] int, one per token (-1 = base only); scaling [n_adapters] (alpha / r).
+    x [..., K]; weight [N, K] (frozen; a dense tensor or an NF4Weight); lora_a [n_adapters, r, K];
+    lora_b [n_adapters, N, r]; adapter_ids [...] int, one per token (-1 = base only); scaling [n_adapters] (alpha / r).
     Returns [..., N] in x's dtype. `backend` ("auto", "triton", "reference") overrides the
     automatic choice (Triton on a GPU or under TRITON_INTERPRET=1, else the PyTorch reference).
     """

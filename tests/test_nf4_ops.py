@@ -1,0 +1,184 @@
+"""NF4 ops: the Triton dequantisation kernel, and lora_linear over an NF4 base (fused dequantisation in
+the GEMM's K-loop, and the dequantise-to-scratch path) against "dequantise, then float64"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import FP32_REL, assert_close_rel
+from test_lora_linear import BF16_REL, CASES, TF32_REL, Case, make_ids
+
+from abs_fast.ops import lora_linear, nf4_dequantize
+from abs_fast.ops.lora import lora_linear_reference
+from abs_fast.quant import NF4Weight
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize(("shape", "blocksize"), [((45, 50), 64), ((33, 17), 128), ((64, 96), 64), ((7, 300), 64),
+                                                  ((3, 700), 256)])
+def test_triton_dequantize_is_bit_identical(shape, blocksize, double_quant, out_dtype, rng_seed):
+    gen = torch.Generator().manual_seed(rng_seed)
+    w = (torch.randn(shape, generator=gen) * 0.05).to(out_dtype).to(DEVICE)
+    q = NF4Weight.quantize(w, blocksize=blocksize, double_quant=double_quant)
+    got = nf4_dequantize(q, out_dtype, backend="triton")
+    assert got.dtype == out_dtype and got.shape == shape
+    assert torch.equal(got, q.dequantize(out_dtype))  # the PyTorch definition, itself checked against bitsandbytes
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+def test_triton_dequantize_equals_bitsandbytes(double_quant, rng_seed):
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    gen = torch.Generator().manual_seed(rng_seed)
+    w = torch.randn(300, 70, generator=gen).to(torch.bfloat16)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    theirs = bnb_functional.dequantize_4bit(packed, state)
+    q = NF4Weight.from_bnb(packed.to(DEVICE), state.to(DEVICE) if DEVICE != "cpu" else state)
+    assert torch.equal(nf4_dequantize(q, backend="triton").cpu(), theirs)
+
+
+def test_dequantize_into_a_reused_buffer(rng_seed):
+    gen = torch.Generator().manual_seed(rng_seed)
+    q1 = NF4Weight.quantize(torch.randn(20, 64, generator=gen).to(DEVICE))
+    q2 = NF4Weight.quantize(torch.randn(31, 16, generator=gen).to(DEVICE))
+    buffer = torch.full((20 * 64,), float("nan"), device=DEVICE)
+    for q in (q1, q2, q1):
+        view = buffer[: q.numel]
+        got = nf4_dequantize(q, torch.float32, out=view, backend="triton")
+        assert got.data_ptr() == buffer.data_ptr() and torch.equal(got, q.dequantize(torch.float32))
+    with pytest.raises(ValueError, match=r"out must be a contiguous torch\.float32 tensor of 1280 elements"):
+        nf4_dequantize(q1, torch.float32, out=buffer[:100])
+    with pytest.raises(TypeError, match="expects an NF4Weight"):
+        nf4_dequantize(torch.randn(3, 3))
+
+
+def make_nf4_inputs(case: Case, dtype: torch.dtype, seed: int, blocksize: int = 64, double_quant: bool = True):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt).to(DEVICE)
+
+    x = randn(case.T, case.K)
+    weight = NF4Weight.quantize(randn(case.N, case.K, scale=case.K**-0.5), blocksize, double_quant)
+    bias = randn(case.N) if case.bias else None
+    lora_a = randn(case.n_adapters, case.rank, case.K, scale=case.K**-0.5, dt=torch.float32)
+    lora_b = randn(case.n_adapters, case.N, case.rank, scale=case.rank**-0.5, dt=torch.float32)
+    scaling = (torch.rand(case.n_adapters, generator=gen) * 2 + 0.25).to(DEVICE)
+    grad_out = randn(case.T, case.N)
+    return x, weight, bias, lora_a, lora_b, make_ids(case, gen), scaling, grad_out
+
+
+def run(backend, x, weight, bias, lora_a, lora_b, ids, scaling, grad_out):
+    x = x.detach().clone().requires_grad_()
+    lora_a = lora_a.detach().clone().requires_grad_()
+    lora_b = lora_b.detach().clone().requires_grad_()
+    y = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias, backend=backend)
+    y.backward(grad_out)
+    return y.detach(), x.grad, lora_a.grad, lora_b.grad
+
+
+def dequantized_float64(x, weight: NF4Weight, bias, lora_a, lora_b, ids, scaling, grad_out):
+    """The dense weight exactly as the kernels round it (to x's dtype), then everything in float64."""
+    d = lambda t: None if t is None else t.detach().double().cpu().requires_grad_(t.is_floating_point())
+    dense = weight.dequantize(x.dtype).double().cpu()
+    x64, a64, b64 = d(x), d(lora_a), d(lora_b)
+    y = lora_linear_reference(x64, dense, a64, b64, ids.cpu(), scaling.double().cpu(),
+                              None if bias is None else bias.double().cpu())
+    y.backward(grad_out.double().cpu())
+    return y.detach(), x64.grad, a64.grad, b64.grad
+
+
+def check(backend, case, dtype, seed, **quant):
+    inputs = make_nf4_inputs(case, dtype, seed, **quant)
+    got = run(backend, *inputs)
+    want = dequantized_float64(*inputs)
+    out_rel = FP32_REL if dtype == torch.float32 else BF16_REL
+    lora_rel = TF32_REL if (backend == "triton" and DEVICE == "cuda" and dtype != torch.float32) else FP32_REL
+    for name, g, w, rel in zip(("y", "dx", "d_lora_a", "d_lora_b"), got, want, (out_rel, out_rel, lora_rel, lora_rel),
+                               strict=True):
+        assert_close_rel(g.cpu(), w, rel, f"{name} ({case}, {dtype}, {quant})")
+
+
+@pytest.fixture(params=["fused", "buffer"])
+def nf4_path(request, monkeypatch):
+    monkeypatch.setenv("ABS_FAST_NF4_PATH", request.param)
+    return request.param
+
+
+NF4_CASES = [CASES[0], CASES[2], CASES[3], CASES[5], Case(T=23, K=200, N=19, n_adapters=2, rank=4)]
+
+
+@pytest.mark.parametrize("case", NF4_CASES, ids=lambda c: f"T{c.T}-K{c.K}-N{c.N}-n{c.n_adapters}-r{c.rank}-{c.ids}")
+def test_triton_nf4_fp32_matches_dequantized_float64(case, nf4_path, rng_seed):
+    check("triton", case, torch.float32, rng_seed)
+
+
+@pytest.mark.parametrize(("blocksize", "double_quant"), [(128, False), (64, False), (256, True)])
+def test_triton_nf4_other_formats(blocksize, double_quant, nf4_path, rng_seed):
+    check("triton", CASES[0], torch.float32, rng_seed, blocksize=blocksize, double_quant=double_quant)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_triton_nf4_16bit_matches_dequantized_float64(dtype, nf4_path, rng_seed):
+    check("triton", CASES[0], dtype, rng_seed)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=["random", "all_base"])
+def test_reference_nf4_matches_dequantized_float64(case, rng_seed):
+    check("reference", case, torch.float32, rng_seed)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_dense_weight_is_kept_for_backward(backend, nf4_path, rng_seed):
+    """Between forward and backward, autograd holds nothing of W's size: the packed codes only."""
+    case = Case(T=8, K=64, N=96, n_adapters=2, rank=4)
+    x, weight, bias, lora_a, lora_b, ids, scaling, grad_out = make_nf4_inputs(case, torch.float32, rng_seed)
+    x.requires_grad_()
+    lora_a.requires_grad_()
+    saved_sizes = []
+
+    def pack(t):
+        saved_sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias, backend=backend)
+    assert saved_sizes, "the hook saw nothing: the test would pass vacuously"
+    assert max(saved_sizes) < case.N * case.K, f"a tensor of {max(saved_sizes)} elements was saved for backward"
+    y.backward(grad_out)
+    want = dequantized_float64(x, weight, bias, lora_a, lora_b, ids, scaling, grad_out)
+    assert_close_rel(x.grad.cpu(), want[1], FP32_REL, "dx")
+
+
+def test_nf4_weight_errors():
+    x = torch.randn(4, 64, device=DEVICE)
+    q = NF4Weight.quantize(torch.randn(8, 64, device=DEVICE))
+    a, b = torch.randn(1, 2, 64, device=DEVICE), torch.randn(1, 8, 2, device=DEVICE)
+    ids = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="weight must be"):
+        lora_linear(torch.randn(4, 32, device=DEVICE), q, a[:, :, :32], b, ids, [1.0])
+    with pytest.raises(TypeError, match="fp32/bf16/fp16/fp64 inputs"):
+        lora_linear(x.to(torch.int32), q, a, b, ids, [1.0])
+    with pytest.raises(TypeError, match=r"torch\.Tensor or an NF4Weight"):
+        lora_linear(x, x.tolist(), a, b, ids, [1.0])
+
+
+def test_unknown_nf4_path_is_rejected(monkeypatch):
+    monkeypatch.setenv("ABS_FAST_NF4_PATH", "fastest")
+    q = NF4Weight.quantize(torch.randn(8, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="ABS_FAST_NF4_PATH"):
+        lora_linear(torch.randn(4, 64, device=DEVICE), q, torch.randn(1, 2, 64, device=DEVICE),
+                    torch.randn(1, 8, 2, device=DEVICE), torch.zeros(4, dtype=torch.long, device=DEVICE), [1.0],
+                    backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nf4_path_name", ["fused", "buffer"])
+@pytest.mark.parametrize("shape", [(3584, 3584), (512, 3584), (3584, 18944)], ids=["q", "kv", "down"])
+def test_compiled_nf4_kernels_at_qwen_shapes(shape, nf4_path_name, rng_seed, monkeypatch):
+    monkeypatch.setenv("ABS_FAST_NF4_PATH", nf4_path_name)
+    N, K = shape
+    check("triton", Case(T=1531, K=K, N=N, n_adapters=3, rank=16), torch.bfloat16, rng_seed)
