@@ -14,9 +14,9 @@ fi
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 
-# reinstall only when the build description changed since the last successful install
+# reinstall only when the build description or the native sources changed since the last install
 stamp="$venv/.abs-fast-install-stamp"
-wanted=$(cat pyproject.toml CMakeLists.txt | sha256sum | cut -d' ' -f1)
+wanted=$(cat pyproject.toml CMakeLists.txt csrc/* | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   echo "== installing abs-fast and its test dependencies into $venv"
   python -m pip install --quiet --upgrade pip

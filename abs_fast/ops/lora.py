@@ -15,8 +15,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from abs_fast.ops.backend import select_backend, triton_interpreting
-from abs_fast.ops.nf4 import code_table, nf4_dequantize, nf4_linear_reference, nf4_path
+from abs_fast.ops.backend import requested_backend, select_backend, triton_interpreting
+from abs_fast.ops.nf4 import (
+    code_table,
+    native_unsupported_reason,
+    nf4_dequantize,
+    nf4_linear_reference,
+    nf4_lora_native,
+    nf4_path,
+)
 from abs_fast.quant.nf4 import NF4Weight
 
 __all__ = ["KernelConfig", "SegmentPlan", "lora_linear", "lora_linear_reference", "segment_plan"]
@@ -81,12 +88,16 @@ def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
 
 
 def _check_id_range(adapter_ids: torch.Tensor, n_adapters: int) -> None:
-    if adapter_ids.numel() == 0:
+    """Raise unless every id lies in [-1, n_adapters). The check syncs with the device, so its
+    success is remembered on the tensor (every layer of a forward pass sees the same ids)."""
+    key = (n_adapters, adapter_ids._version)
+    if getattr(adapter_ids, "_abs_fast_ids_checked", None) == key or adapter_ids.numel() == 0:
         return
     lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
     if lo < -1 or hi >= n_adapters:
         raise ValueError(f"adapter_ids must lie in [-1, {n_adapters - 1}] (-1 = base only), "
                          f"found values in [{lo}, {hi}]")
+    adapter_ids._abs_fast_ids_checked = key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,9 +482,24 @@ def lora_linear(
 
     x [..., K]; weight [N, K] (frozen; a dense tensor or an NF4Weight); lora_a [n_adapters, r, K];
     lora_b [n_adapters, N, r]; adapter_ids [...] int, one per token (-1 = base only); scaling [n_adapters] (alpha / r).
-    Returns [..., N] in x's dtype. `backend` ("auto", "triton", "reference") overrides the
-    automatic choice (Triton on a GPU or under TRITON_INTERPRET=1, else the PyTorch reference).
+    Returns [..., N] in x's dtype. `backend` ("auto", "triton", "reference", "native") overrides the
+    automatic choice: an NF4 base with at most 16 tokens and no gradient to compute (decode) runs in
+    the native library when it is built; otherwise Triton on a GPU or under TRITON_INTERPRET=1, else
+    the PyTorch reference. "native" insists on the native library and says why when it cannot run.
     """
+    if isinstance(weight, NF4Weight) and backend in (None, "auto", "native"):
+        T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
+        x2d = x.reshape(T, K)
+        reason = native_unsupported_reason(x2d, weight, lora_a, lora_b)
+        if reason is None and (backend == "native" or requested_backend(backend) == "auto"):
+            _check_id_range(adapter_ids, n)
+            scaling = _as_scaling(scaling, n, x.device)
+            y = nf4_lora_native(x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias)
+            return y.reshape(*x.shape[:-1], N)
+        if backend == "native":
+            raise RuntimeError(f"backend='native' cannot run this call: {reason}")
+    elif backend == "native":
+        raise RuntimeError("backend='native' serves NF4 weights only (see abs_fast.quant.NF4Weight)")
     chosen = select_backend(x.device, x.dtype, backend)
     if chosen == "reference":
         return lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias)

@@ -112,3 +112,96 @@ class NF4LinearFunction(torch.autograd.Function):
 def nf4_linear_reference(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch x2d @ W^T (+ bias) for an NF4 W, differentiable in x2d only."""
     return NF4LinearFunction.apply(x2d, weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The native library (csrc/): decode-time NF4 product with the LoRA epilogue, no autograd
+# ---------------------------------------------------------------------------------------------
+
+_ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def native_unsupported_reason(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor,
+                              lora_b: torch.Tensor) -> str | None:
+    """Why the native op cannot serve this call (None when it can). It serves inference only:
+    at most 16 rows, nothing that needs a gradient."""
+    from abs_fast import native
+
+    if x2d.shape[0] > native.MAX_ROWS:
+        return f"it serves at most {native.MAX_ROWS} rows (decode batches), got {x2d.shape[0]}"
+    if torch.is_grad_enabled() and (x2d.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
+        return "it computes no gradients (inference only); run under torch.no_grad() or use the Triton backend"
+    if x2d.dtype not in _ACT_DTYPES:
+        return f"it takes fp32/bf16/fp16 inputs, got {x2d.dtype}"
+    if lora_a.shape[1] > 1024:
+        return f"rank {lora_a.shape[1]} is above 1024"
+    if x2d.device.type == "cpu":
+        if native.cpu_library() is None:
+            return "the native CPU library is not built (" + str(native.native_report()["cpu"]) + ")"
+        return None
+    if x2d.device.type == "cuda":
+        if native.cuda_library() is None:
+            return "the native CUDA library is not built (nvcc was not found when abs-fast was installed)"
+        if weight.shape[1] % 32 or weight.blocksize < 32:
+            return "the CUDA kernel needs in_features % 32 == 0 and blocksize >= 32"
+        return None
+    return f"no native kernel for {x2d.device.type} tensors"
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def nf4_lora_native(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                    adapter_ids: torch.Tensor, scaling: torch.Tensor, bias: torch.Tensor | None = None, *,
+                    isa: str = "auto", num_threads: int | None = None) -> torch.Tensor:
+    """x2d [T<=16, K] @ W^T (+ bias) + per-row LoRA term, by the native library (no autograd).
+
+    `isa` (CPU only: auto | avx512 | avx2 | scalar) forces one instruction-set variant;
+    `num_threads` defaults to torch.get_num_threads().
+    """
+    from abs_fast import native
+
+    reason = native_unsupported_reason(x2d, weight, lora_a, lora_b)
+    if reason is not None:
+        raise RuntimeError(f"the native NF4 op cannot run this call: {reason}")
+    if isa not in native.ISA_NAMES:
+        raise ValueError(f"isa must be one of {tuple(native.ISA_NAMES)}, got {isa!r}")
+    T, K = x2d.shape
+    N = weight.shape[0]
+    n, R = lora_a.shape[0], lora_a.shape[1]
+    on_cpu = x2d.device.type == "cpu"
+    act = torch.float32 if on_cpu else x2d.dtype
+    x = x2d.to(act).contiguous()
+    ids = adapter_ids.reshape(T).to(torch.int32).contiguous()
+    a32 = lora_a.detach().to(torch.float32).contiguous()
+    b32 = lora_b.detach().to(torch.float32).contiguous()
+    scale32 = scaling.to(torch.float32).contiguous()
+    bias_c = None if bias is None else bias.detach().to(act).contiguous()
+    packed = weight.packed.contiguous()
+    dq = weight.double_quant
+    stats = (None if dq else weight.absmax.contiguous(), weight.absmax.contiguous() if dq else None,
+             weight.nested_absmax if dq else None, weight.nested_code if dq else None,
+             weight.nested_offset.reshape(1) if dq else None)
+    out = torch.empty(T, N, device=x2d.device, dtype=act)
+    common = (T, K, _ptr(packed), N, weight.blocksize, *map(_ptr, stats), _ptr(bias_c),
+              _ptr(a32), _ptr(b32), _ptr(scale32), n, R, _ptr(ids))
+    if on_cpu:
+        lib = native.cpu_library()
+        threads = num_threads or torch.get_num_threads()
+        rc = lib.abs_fast_nf4_lora_cpu(_ptr(x), *common, _ptr(out), native.ISA_NAMES[isa], threads)
+        detail = ""
+    else:
+        if isa != "auto":
+            raise ValueError("isa selects a CPU variant; it does not apply to CUDA tensors")
+        if x.data_ptr() % 16 or packed.data_ptr() % 16:
+            x, packed = x.clone(), packed.clone()  # the kernel's 16-byte loads need aligned starts
+            common = (T, K, _ptr(packed), *common[3:])
+        lib = native.cuda_library()
+        shrunk = torch.empty(max(T * R, 1), device=x2d.device, dtype=torch.float32)
+        stream = torch.cuda.current_stream(x2d.device).cuda_stream
+        rc = lib.abs_fast_nf4_lora_cuda(_ptr(x), _ACT_DTYPES[act], *common, _ptr(shrunk), _ptr(out), stream)
+        detail = lib.abs_fast_cuda_last_error().decode() if rc == -3 else ""
+    if rc != 0:
+        raise native.NativeError(f"native NF4 op failed ({rc}): {native.ERRORS.get(rc, 'unknown error')} {detail}")
+    return out.to(x2d.dtype)
