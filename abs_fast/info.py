@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from abs_fast import __version__
+from abs_fast.native import native_report
 from abs_fast.ops.backend import describe_backends, triton_interpreting
 
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "bitsandbytes", "peft",
@@ -66,7 +67,7 @@ def environment_report() -> dict:
         "backends": {
             "lora_linear": describe_backends(),
             "triton_interpreter": triton_interpreting(),
-            "native_library": "not built: csrc/ has no native kernels in this version",
+            "native_library": native_report(),
         },
     }
 
@@ -90,7 +91,14 @@ def format_report(report: dict) -> str:
     lines.append("backends:")
     for device, label in report["backends"]["lora_linear"].items():
         lines.append(f"  lora_linear on {device:<4}: {label}")
-    lines.append(f"  native library   : {report['backends']['native_library']}")
+    for part, status in report["backends"]["native_library"].items():
+        if isinstance(status, dict):
+            detail = status["path"]
+            if "isa" in status:
+                detail = f"{status['isa']} (supported: {', '.join(status['isa_supported'])}), " \
+                         f"{status['max_threads']} threads, {detail}"
+            status = f"built: {detail}"
+        lines.append(f"  native {part:<10}: {status}")
     if report["env"]:
         lines.append("environment: " + ", ".join(f"{k}={v}" for k, v in report["env"].items()))
     return "\n".join(lines)
