@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from abs_fast.ops import lora_linear
+from abs_fast.quant import NF4Weight
 
 __all__ = ["MultiLoRALinear"]
+
+_NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset", "nested_code")
 
 
 class MultiLoRALinear(nn.Module):
@@ -23,6 +26,9 @@ class MultiLoRALinear(nn.Module):
     Adapter initialisation follows PEFT: A Kaiming-uniform (a = sqrt(5)), B zero, so a new adapter
     starts as the identity on the base; each adapter scales its update by alpha / r. Adapter ids
     index `adapter_names` in the order the adapters were added.
+
+    `quantize_base_()` replaces the dense weight by NF4 (buffers `nf4_packed`, `nf4_absmax`, ...);
+    `base_weight` is then an NF4Weight view of those buffers and `weight` is None.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -47,6 +53,7 @@ class MultiLoRALinear(nn.Module):
         self.ranks: dict[str, int] = {}
         self.alphas: dict[str, float] = {}
         self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
+        self._nf4_format: tuple[torch.Size, torch.dtype, int] | None = None  # (shape, dtype, blocksize)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> MultiLoRALinear:
@@ -58,6 +65,51 @@ class MultiLoRALinear(nn.Module):
             layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
         layer.scaling = torch.empty(0, dtype=torch.float32, device=linear.weight.device)
         return layer
+
+    # --- the frozen base ------------------------------------------------------------------
+
+    @property
+    def is_quantized(self) -> bool:
+        return self._nf4_format is not None
+
+    @property
+    def base_weight(self) -> torch.Tensor | NF4Weight:
+        """The frozen base: the dense `weight`, or an NF4Weight over this layer's NF4 buffers."""
+        if self._nf4_format is None:
+            return self.weight
+        shape, dtype, blocksize = self._nf4_format
+        return NF4Weight(self.nf4_packed, self.nf4_absmax, shape, dtype, blocksize, self.nf4_nested_absmax,
+                         self.nf4_nested_offset, self.nf4_nested_code)
+
+    @property
+    def device(self) -> torch.device:
+        return self.nf4_packed.device if self.is_quantized else self.weight.device
+
+    def quantize_base_(self, blocksize: int = 64, double_quant: bool = True) -> None:
+        """Store the frozen base weight in NF4 (bitsandbytes-compatible) and release the dense copy."""
+        if self.is_quantized:
+            raise RuntimeError("the base weight is already quantised")
+        if self.weight.device.type == "meta":
+            raise RuntimeError("cannot quantise a weight on the meta device: load real weights first")
+        nf4 = NF4Weight.quantize(self.weight.data, blocksize, double_quant)
+        self.weight = None  # this layer's reference to the dense weight goes now
+        for field in _NF4_FIELDS:
+            self.register_buffer(f"nf4_{field}", getattr(nf4, field))
+        self._nf4_format = (nf4.shape, nf4.dtype, nf4.blocksize)
+
+    def _apply(self, fn, recurse=True):
+        """.to()/.cuda() move the NF4 buffers but never cast them: their dtypes are the format."""
+        if not self.is_quantized:
+            return super()._apply(fn, recurse)
+        names = [f"nf4_{field}" for field in _NF4_FIELDS]
+        saved = {name: self._buffers.pop(name) for name in names}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=saved["nf4_packed"].device)).device
+            for name in names:
+                self._buffers[name] = None if saved[name] is None else saved[name].to(device)
+        return self
 
     @property
     def adapter_names(self) -> list[str]:
@@ -77,7 +129,7 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"adapter {name!r} already exists")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        device = self.weight.device
+        device = self.device
         lora_a = torch.empty(rank, self.in_features, device=device, dtype=dtype)
         if device.type != "meta":
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
@@ -94,7 +146,7 @@ class MultiLoRALinear(nn.Module):
 
     def _refresh_scaling(self) -> None:
         values = [self.alphas[n] / self.ranks[n] for n in self.adapter_names]
-        self.scaling = torch.tensor(values, dtype=torch.float32, device=self.weight.device)
+        self.scaling = torch.tensor(values, dtype=torch.float32, device=self.device)
 
     def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """lora_a [n, r_max, in] and lora_b [n, out, r_max]; smaller ranks are zero-padded (the
@@ -107,16 +159,24 @@ class MultiLoRALinear(nn.Module):
         b = [F.pad(self.lora_B[n], (0, r_max - self.ranks[n])) for n in names]
         return torch.stack(a), torch.stack(b)
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
-        """x [..., in]; adapter_ids [...] (one per token) or [T]: indices into adapter_names, -1 = base."""
-        if not self.lora_A:
-            if adapter_ids.numel() and int(adapter_ids.max()) >= 0:
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in]; adapter_ids [...] (one per token) or [T]: indices into adapter_names, -1 = base.
+        Without adapter_ids every token takes the base alone."""
+        base = self.base_weight
+        if adapter_ids is None or not self.lora_A:
+            if adapter_ids is not None and adapter_ids.numel() and int(adapter_ids.max()) >= 0:
                 raise ValueError("adapter_ids select an adapter but this layer has none")
-            return F.linear(x, self.weight, self.bias)
+            if isinstance(base, torch.Tensor):
+                return F.linear(x, base, self.bias)
+            ids = torch.full(x.shape[:-1], -1, dtype=torch.int32, device=x.device)
+            no_a = x.new_empty(0, 1, self.in_features, dtype=torch.float32)
+            no_b = x.new_empty(0, self.out_features, 1, dtype=torch.float32)
+            return lora_linear(x, base, no_a, no_b, ids, self.scaling[:0], self.bias)
         lora_a, lora_b = self.stacked_adapters()
-        return lora_linear(x, self.weight, lora_a, lora_b, adapter_ids, self.scaling, self.bias)
+        return lora_linear(x, base, lora_a, lora_b, adapter_ids, self.scaling, self.bias)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.ranks[n]}, alpha={self.alphas[n]:g})" for n in self.adapter_names)
+        base = f", base=nf4(blocksize={self._nf4_format[2]})" if self.is_quantized else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, adapters=[{adapters}]")
+                f"bias={self.bias is not None}{base}, adapters=[{adapters}]")
