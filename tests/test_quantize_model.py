@@ -21,7 +21,8 @@ def test_quantisation_streams_layer_by_layer(monkeypatch):
     """When layer i is quantised, the dense weights of layers 0..i-1 are already freed."""
     model = build_model("tiny", seed=3)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    refs = [weakref.ref(model.get_submodule(n).weight.data) for n in names]
+    refs = [weakref.ref(model.get_submodule(n).weight) for n in names]  # the Parameter objects themselves
+    assert all(r() is not None for r in refs)
     alive_before = []
     real_quantize = nf4_module.NF4Weight.quantize.__func__
 
