@@ -191,3 +191,15 @@ def test_cuda_op_matches_float64(T, dtype, rng_seed):
         got = nf4_lora_native(x, weight, a, b, ids, scaling, bias)
         want = float64_reference(x.float(), weight, a, b, ids, scaling, bias.float())
         assert_close_rel(got.float().cpu(), want, FP32_REL if dtype == torch.float32 else 2.0**-8, f"K={K} {dtype}")
+
+
+def test_dispatch_falls_back_when_the_library_is_absent(rng_seed, monkeypatch):
+    gen = torch.Generator().manual_seed(rng_seed)
+    x, weight, a, b, ids, scaling, bias = make_problem(4, 64, 40, 2, 8, gen)
+    monkeypatch.setattr(native, "cpu_library", lambda: None)
+    with torch.no_grad():
+        y = lora_linear(x, weight, a, b, ids, scaling, bias)
+    assert_close_rel(y, float64_reference(x, weight, a, b, ids, scaling, bias), FP32_REL, "fallback output")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="native CPU library is not built"):
+        lora_linear(x, weight, a, b, ids, scaling, bias, backend="native")
+    assert native.native_report()["cpu"].startswith("not built")

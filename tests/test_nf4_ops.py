@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import FP32_REL, assert_close_rel
-from test_lora_linear import BF16_REL, CASES, TF32_REL, Case, make_ids
+from test_lora_linear import BF16_REL, CASES, TF32_REL, Case, make_ids, run
 
 from abs_fast.ops import lora_linear, nf4_dequantize
 from abs_fast.ops.lora import lora_linear_reference
@@ -69,15 +69,6 @@ def make_nf4_inputs(case: Case, dtype: torch.dtype, seed: int, blocksize: int = 
     scaling = (torch.rand(case.n_adapters, generator=gen) * 2 + 0.25).to(DEVICE)
     grad_out = randn(case.T, case.N)
     return x, weight, bias, lora_a, lora_b, make_ids(case, gen), scaling, grad_out
-
-
-def run(backend, x, weight, bias, lora_a, lora_b, ids, scaling, grad_out):
-    x = x.detach().clone().requires_grad_()
-    lora_a = lora_a.detach().clone().requires_grad_()
-    lora_b = lora_b.detach().clone().requires_grad_()
-    y = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias, backend=backend)
-    y.backward(grad_out)
-    return y.detach(), x.grad, lora_a.grad, lora_b.grad
 
 
 def dequantized_float64(x, weight: NF4Weight, bias, lora_a, lora_b, ids, scaling, grad_out):
