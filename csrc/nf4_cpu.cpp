@@ -238,8 +238,6 @@ bool cpu_has(int isa) {
 
 template <class Isa>
 int dispatch(Problem& p, const float* lora_a, const float* scaling, int64_t n_adapters, int num_threads) {
-  float shrunk[ABS_FAST_MAX_ROWS * 64];
-  float* heap = nullptr;
   p.shrunk = nullptr;
   std::vector<float> x_split;
   if (!std::is_same<Isa, Scalar>::value && p.K % 32 == 0) {
@@ -252,14 +250,13 @@ int dispatch(Problem& p, const float* lora_a, const float* scaling, int64_t n_ad
     }
     p.x_split = x_split.data();
   }
+  std::vector<float> shrunk;
   if (lora_a && n_adapters > 0 && p.R > 0 && p.adapter_ids) {
-    float* buffer = shrunk;
-    if (p.T * p.R > ABS_FAST_MAX_ROWS * 64) buffer = heap = new float[p.T * p.R];
-    shrink<Isa>(p.x, p.T, p.K, lora_a, scaling, p.R, p.adapter_ids, buffer, num_threads);
-    p.shrunk = buffer;
+    shrunk.resize(static_cast<size_t>(p.T * p.R));
+    shrink<Isa>(p.x, p.T, p.K, lora_a, scaling, p.R, p.adapter_ids, shrunk.data(), num_threads);
+    p.shrunk = shrunk.data();
   }
   run<Isa>(p, num_threads);
-  delete[] heap;
   return ABS_FAST_OK;
 }
 

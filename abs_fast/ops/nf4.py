@@ -86,7 +86,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
     if chosen == "triton" and dtype != torch.float64:
         result = out if out is not None else torch.empty(weight.numel, device=weight.device, dtype=dtype)
         return _dequantize_triton(weight, dtype, result.view(-1)).view(weight.shape)
-    dense = weight.dequantize(torch.float32).to(dtype)
+    dense = weight.dequantize(dtype)
     if out is None:
         return dense
     out.view(-1).copy_(dense.view(-1))
@@ -99,13 +99,13 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight: NF4Weight, bias):
         ctx.weight = weight
-        return F.linear(x2d, weight.dequantize(torch.float32).to(x2d.dtype), bias)
+        return F.linear(x2d, weight.dequantize(x2d.dtype), bias)
 
     @staticmethod
     def backward(ctx, dy):
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy @ ctx.weight.dequantize(torch.float32).to(dy.dtype)
+            dx = dy @ ctx.weight.dequantize(dy.dtype)
         return dx, None, None
 
 
