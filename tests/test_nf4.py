@@ -86,10 +86,34 @@ def test_quantize_matches_bitsandbytes(shape, blocksize, double_quant, dtype, rn
     # bitsandbytes' compiled CPU blockwise quantiser is not an exact nearest-code search (measured
     # over 1.2M values: 0.15% of its codes differ from the nearest, a few by more than one step);
     # ours is exact, so where the nested codes differ ours must be the closer one.
+    # a nested block whose scales are all equal has nested absmax 0: any code decodes to the offset
     centered = raw_absmax - state.offset
-    nested_scaled = centered / state.state2.absmax.repeat_interleave(256)[: centered.numel()]
-    assert_ours_is_nearest(ours.absmax.long(), state.absmax.long(), nested_scaled, dynamic_code(),
-                           "nested absmax codes", max_fraction=0.02)
+    nested_absmax = state.state2.absmax.repeat_interleave(256)[: centered.numel()]
+    live = nested_absmax > 0
+    assert_ours_is_nearest(ours.absmax[live].long(), state.absmax[live].long(), centered[live] / nested_absmax[live],
+                           dynamic_code(), "nested absmax codes", max_fraction=0.02)
+    assert torch.equal(ours.block_absmax()[~live], raw_absmax[~live])
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+def test_degenerate_blocks_match_bitsandbytes(double_quant, rng_seed):
+    """All-zero blocks (absmax 0) and blocks with equal absmax (nested absmax 0) are stored as
+    bitsandbytes stores them and decode to the same values."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    w = torch.randn(6, 64, generator=gen)
+    w[1] = 0
+    w[3:] = w[2]  # rows 2..5 share one absmax
+    for weight in (w, w[2:]):  # mixed, then every scale equal
+        ours = NF4Weight.quantize(weight, blocksize=64, double_quant=double_quant)
+        packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
+                                                     quant_type="nf4")
+        assert torch.equal(ours.packed, packed.reshape(-1))
+        if double_quant:
+            assert torch.equal(ours.nested_absmax, state.state2.absmax)
+            assert torch.equal(ours.nested_offset, state.offset)
+        else:
+            assert torch.equal(ours.absmax, state.absmax)
+        assert torch.equal(ours.dequantize(torch.float32), bnb_functional.dequantize_4bit(packed, state))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=str)

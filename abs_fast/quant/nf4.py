@@ -62,6 +62,10 @@ def _midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
+def _nonzero(absmax: torch.Tensor) -> torch.Tensor:
+    return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+
+
 def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-code indices (int64) and per-block absmax (fp32) of a flat tensor, chunk by chunk."""
     n = flat.numel()
@@ -74,13 +78,14 @@ def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> 
         stop = min(start + chunk, n_full)
         blocks = flat[start:stop].float().view(-1, blocksize)
         block_absmax = blocks.abs().amax(dim=1)
-        scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=1e-38))[:, None], -1, 1)
+        # an all-zero block keeps absmax 0 (as bitsandbytes stores it); its values scale by 1 to 0
+        scaled = torch.clamp(blocks * (1.0 / _nonzero(block_absmax))[:, None], -1, 1)
         indices[start:stop] = torch.bucketize(scaled.reshape(-1), bounds).to(torch.uint8)
         absmax[start // blocksize: stop // blocksize] = block_absmax
     if n_full < n:
         tail = flat[n_full:].float()
-        tail_absmax = tail.abs().amax().clamp(min=1e-38)
-        indices[n_full:] = torch.bucketize(torch.clamp(tail / tail_absmax, -1, 1), bounds).to(torch.uint8)
+        tail_absmax = tail.abs().amax()
+        indices[n_full:] = torch.bucketize(torch.clamp(tail / _nonzero(tail_absmax), -1, 1), bounds).to(torch.uint8)
         absmax[-1] = tail_absmax
     return indices, absmax
 
