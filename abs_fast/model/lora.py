@@ -139,6 +139,29 @@ class MultiLoRALinear(nn.Module):
         self.alphas[name] = float(alpha)
         self._refresh_scaling()
 
+    def set_adapter_weights(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float) -> None:
+        """Give adapter `name` (existing or new) these weights, copying in place when the rank is
+        unchanged (parameter objects, and so optimizer state, survive) and keeping its id."""
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, self.in_features) or lora_b.shape != (self.out_features, rank):
+            raise ValueError(f"adapter {name!r}: lora_A {tuple(lora_a.shape)} / lora_B {tuple(lora_b.shape)} "
+                             "do not fit "
+                             f"a layer [{self.out_features}, {self.in_features}] (expected [r, {self.in_features}] "
+                             f"and [{self.out_features}, r])")
+        if name not in self.lora_A:
+            self.add_adapter(name, rank, alpha)
+        if self.ranks[name] == rank:
+            with torch.no_grad():
+                self.lora_A[name].copy_(lora_a)
+                self.lora_B[name].copy_(lora_b)
+        else:
+            dtype = self.lora_A[name].dtype
+            self.lora_A[name] = nn.Parameter(lora_a.to(self.device, dtype).clone())
+            self.lora_B[name] = nn.Parameter(lora_b.to(self.device, dtype).clone())
+            self.ranks[name] = rank
+        self.alphas[name] = float(alpha)
+        self._refresh_scaling()
+
     def delete_adapter(self, name: str) -> None:
         self.adapter_id(name)  # raises a clear KeyError for an unknown name
         del self.lora_A[name], self.lora_B[name], self.ranks[name], self.alphas[name]

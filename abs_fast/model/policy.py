@@ -1,0 +1,364 @@
+"""The policy: a frozen base causal LM (NF4 or dense) with named LoRA adapters, loaded from a local
+directory of safetensors files or built from a preset with seeded random weights.
+
+Loading streams tensor by tensor: each target linear is quantised as soon as its weight is read,
+so a full-precision copy of the model never exists in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from abs_fast.model.adapters import CONFIG_NAME, load_peft_adapter, save_peft_adapter
+from abs_fast.model.lora import MultiLoRALinear
+from abs_fast.model.tiny import PRESETS, qwen2_config
+from abs_fast.model.transformer import TARGET_MODULES, ArchConfig, Transformer
+
+__all__ = ["Policy", "load_policy"]
+
+QUANTIZE_CHOICES = ("nf4", None)
+_IGNORED_KEYS = ("rotary_emb.inv_freq",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the weights come from
+# ---------------------------------------------------------------------------------------------
+
+
+class _SafetensorsSource:
+    """Every tensor of a local checkpoint directory (one file, or shards with an index)."""
+
+    def __init__(self, directory: Path):
+        index = directory / "model.safetensors.index.json"
+        self.files: dict[str, Path] = {}  # tensor name -> file
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({err})") from None
+            for name, file in weight_map.items():
+                path = directory / file
+                if not path.is_file():
+                    raise FileNotFoundError(f"{index}: tensor {name!r} is in {file}, which does not exist")
+                self.files[name] = path
+        else:
+            shards = sorted(directory.glob("*.safetensors"))
+            if not shards:
+                pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
+                hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded; convert them to " \
+                       "safetensors)" if pickles else ""
+                raise FileNotFoundError(f"{directory}: no *.safetensors weight files{hint}")
+            from safetensors import safe_open
+
+            for shard in shards:
+                with safe_open(str(shard), framework="pt", device="cpu") as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        if name in self.files:
+                            raise ValueError(f"{shard}: tensor {name!r} also appears in {self.files[name]}")
+                        self.files[name] = shard
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def where(self, name: str) -> str:
+        return str(self.files[name])
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name, file in self.files.items():
+            by_file.setdefault(file, []).append(name)
+        for file, names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in names:
+                    yield name, f.get_tensor(name)
+
+
+class _RandomSource:
+    """Seeded random weights for a preset (HF's initialisation: normal(0, 0.02), zero biases, unit
+    norms), drawn per tensor so the draw of one does not depend on the others."""
+
+    def __init__(self, expected: dict[str, torch.Size], seed: int, std: float = 0.02):
+        self.shapes, self.seed, self.std = expected, seed, std
+
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def where(self, name: str) -> str:
+        return f"random weights (seed {self.seed})"
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, shape in self.shapes.items():
+            if name.endswith("norm.weight"):
+                yield name, torch.ones(shape)
+            elif name.endswith(".bias"):
+                yield name, torch.zeros(shape)
+            else:
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+                yield name, torch.randn(shape, generator=gen) * self.std
+
+
+def _read_hf_config(path_or_preset: str | Path):
+    """(transformers config, weight source factory, display name) for a directory or preset."""
+    text = str(path_or_preset)
+    path = Path(text).expanduser()
+    if not path.exists() and text in PRESETS:
+        return qwen2_config(text), None, text
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory (and not a preset: {', '.join(sorted(PRESETS))})")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: expected a model directory holding config.json and *.safetensors")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing (a model directory needs config.json and *.safetensors)")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    model_type = raw.get("model_type")
+    for field in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                  "intermediate_size"):
+        if field not in raw:
+            raise ValueError(f"{config_file}: field {field!r} is missing")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except Exception as err:  # transformers raises many types; name the file either way
+        raise ValueError(f"{config_file}: transformers cannot read it as a {model_type!r} config: {err}") from err
+    return config, path, str(path)
+
+
+def _resolve_target_modules(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+    if target_modules == "all-linear":
+        return TARGET_MODULES
+    names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
+    unknown = [n for n in names if n not in TARGET_MODULES]
+    if unknown or not names:
+        raise ValueError(f"target_modules {unknown or names!r} unknown; choose 'all-linear' or names from "
+                         f"{', '.join(TARGET_MODULES)}")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy
+# ---------------------------------------------------------------------------------------------
+
+
+class Policy(nn.Module):
+    """A frozen base with named adapters. Adapter ids: index into `adapter_names`; -1 = the base."""
+
+    def __init__(self, model: Transformer, hf_config, source: str, target_modules: tuple[str, ...], quantize):
+        super().__init__()
+        self.model = model
+        self.hf_config = hf_config
+        self.source = source
+        self.target_modules = target_modules
+        self.quantize = quantize
+
+    # --- adapters -----------------------------------------------------------------------
+
+    def target_layers(self) -> dict[str, MultiLoRALinear]:
+        """Module path (as in Hugging Face / PEFT) -> layer, for the layers that carry adapters."""
+        return {path: layer for path, layer in self.model.target_layers().items()
+                if path.rsplit(".", 1)[-1] in self.target_modules}
+
+    @property
+    def adapter_names(self) -> list[str]:
+        layers = self.target_layers()
+        return next(iter(layers.values())).adapter_names if layers else []
+
+    @property
+    def config(self) -> ArchConfig:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    def adapter_id(self, name: str | None) -> int:
+        """The id of adapter `name`; None or "base" -> -1."""
+        if name is None or name == "base":
+            return -1
+        names = self.adapter_names
+        if name not in names:
+            raise KeyError(f"no adapter named {name!r}; this policy has {names} (None or 'base' = no adapter)")
+        return names.index(name)
+
+    def add_adapter(self, name: str, rank: int = 16, alpha: float = 32.0, seed: int = 0) -> None:
+        """A new PEFT-initialised adapter on every target layer (B = 0: it starts as the base)."""
+        if name == "base":
+            raise ValueError("'base' names the adapter-free model; choose another adapter name")
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for layer in self.target_layers().values():
+            layer.add_adapter(name, rank, alpha, generator=gen)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        self.adapter_id(name)
+        params = []
+        for layer in self.target_layers().values():
+            params += [layer.lora_A[name], layer.lora_B[name]]
+        return params
+
+    def save_adapters(self, directory: str | Path, names: Sequence[str] | None = None) -> list[Path]:
+        """Write each adapter to directory/<name>/ in PEFT format (each directory replaced atomically)."""
+        layers = self.target_layers()
+        out = []
+        for name in names or self.adapter_names:
+            self.adapter_id(name)
+            out.append(save_peft_adapter(layers, name, Path(directory) / name, self.source))
+        return out
+
+    def load_adapters(self, directory: str | Path, names: Sequence[str] | None = None) -> list[str]:
+        """Read adapters back: every directory/<name>/ holding an adapter_config.json (or just `names`).
+        A directory that is itself one PEFT adapter loads under its own name (PEFT's single-adapter
+        layout). New names become new adapters; existing ones are overwritten in place."""
+        directory = Path(directory)
+        if names is None:
+            if (directory / CONFIG_NAME).is_file():
+                found = {directory.name: directory}
+            else:
+                found = {p.name: p for p in sorted(directory.iterdir()) if (p / CONFIG_NAME).is_file()} \
+                    if directory.is_dir() else {}
+            if not found:
+                raise FileNotFoundError(f"{directory}: no adapters (expected {CONFIG_NAME} in it or in its "
+                                        "subdirectories)")
+        else:
+            found = {name: directory / name for name in names}
+        layers = self.target_layers()
+        for name, path in found.items():
+            if not name.isidentifier() or name == "base":
+                raise ValueError(f"{path}: adapter name {name!r} must be a Python identifier other than 'base'")
+            load_peft_adapter(layers, path, name)
+        return list(found)
+
+    # --- forward --------------------------------------------------------------------------
+
+    def gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations."""
+        self.model.gradient_checkpointing = enabled
+
+    def adapter_id_tensor(self, adapter_ids, shape: torch.Size) -> torch.Tensor | None:
+        """Normalise per-sequence ([B], names or ints) or per-token ([B, S]) ids to [B, S] int32."""
+        if adapter_ids is None:
+            return None
+        B, S = shape
+        if isinstance(adapter_ids, str | int) or adapter_ids is None:
+            adapter_ids = [adapter_ids] * B
+        if isinstance(adapter_ids, list | tuple):
+            adapter_ids = torch.tensor([self.adapter_id(a) if not isinstance(a, int) else a for a in adapter_ids])
+        ids = adapter_ids.to(device=self.device, dtype=torch.int32)
+        if ids.dim() == 1:
+            if ids.shape[0] != B:
+                raise ValueError(f"adapter_ids has {ids.shape[0]} entries for a batch of {B} rows")
+            ids = ids[:, None].expand(B, S)
+        elif ids.shape != (B, S):
+            raise ValueError(f"adapter_ids must be [B]={B} or [B, S]={B, S}, got {tuple(ids.shape)}")
+        n = len(self.adapter_names)
+        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
+            raise ValueError(f"adapter_ids must lie in [-1, {n - 1}] ({n} adapters: {self.adapter_names})")
+        return ids
+
+    def forward(self, input_ids: torch.Tensor, adapter_ids=None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, S, hidden].
+
+        input_ids [B, S]. adapter_ids: None (base everywhere), one per row ([B] ints or names) or
+        one per token ([B, S]); -1 = base. Packed rows: position_ids restart at 0 where each sequence
+        starts, and attention never crosses a restart. Padded rows: attention_mask (1 = token)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(input_ids.shape[1], device=self.device).expand_as(input_ids)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        elif position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
+        ids = self.adapter_id_tensor(adapter_ids, input_ids.shape)
+        return self.model(input_ids, ids, position_ids.to(self.device), attention_mask)
+
+    def logits(self, input_ids: torch.Tensor, adapter_ids=None, position_ids=None, attention_mask=None):
+        """Full fp32 logits [B, S, vocab]: for tests and small batches (training uses token_logprobs)."""
+        hidden = self(input_ids, adapter_ids, position_ids, attention_mask)
+        return hidden.float() @ self.model.lm_head_weight.float().T
+
+
+def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
+                adapters: Sequence[str] = ("attacker", "defender"), rank: int = 16, alpha: float = 32,
+                target_modules: str | Sequence[str] = "all-linear", device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None, seed: int = 0, blocksize: int = 64, double_quant: bool = True,
+                progress: Callable[[int, int, str], None] | None = None) -> Policy:
+    """Load a Qwen2/Qwen2.5, Llama or Mistral causal LM and give it adapters.
+
+    path_or_preset: a local directory (config.json + *.safetensors, sharded or not; never a hub
+    name) or a preset of abs_fast.model.PRESETS with seeded random weights. quantize: "nf4" stores
+    every target-family linear in NF4 as it is read (the embeddings, norms and head stay in
+    `dtype`); None keeps them dense. Defaults: the GPU when there is one, bf16 there and fp32 on CPU.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
+    targets = _resolve_target_modules(target_modules)
+    hf_config, directory, source_name = _read_hf_config(path_or_preset)
+    where = f"{directory / 'config.json'}" if directory is not None else f"preset {source_name!r}"
+    arch = ArchConfig.from_hf(hf_config, where)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    model = Transformer(arch, hf_config, device="meta", dtype=dtype)
+    model.rotary.to(device)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    source = _SafetensorsSource(directory) if directory is not None else _RandomSource(expected, seed)
+    modules = dict(model.named_modules())
+    loaded: set[str] = set()
+    total = len(expected)
+    for name, tensor in source.tensors():
+        if name not in expected:
+            if (name == "lm_head.weight" and arch.tie_word_embeddings) or name.endswith(_IGNORED_KEYS):
+                continue
+            raise ValueError(f"{source.where(name)}: tensor {name!r} is not part of a {arch.model_type} model with "
+                             "this config (a different architecture, or a checkpoint with extra heads?)")
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise ValueError(f"{source.where(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, config.json "
+                             f"implies {tuple(expected[name])}")
+        module_name, _, field = name.rpartition(".")
+        module = modules[module_name]
+        value = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        del tensor
+        setattr(module, field, value)
+        if isinstance(module, MultiLoRALinear) and field == "weight" and quantize == "nf4":
+            module.quantize_base_(blocksize, double_quant)
+        loaded.add(name)
+        if progress is not None:
+            progress(len(loaded), total, name)
+    missing = [name for name in expected if name not in loaded]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{directory or source_name}: the checkpoint lacks {len(missing)} tensor(s) the config "
+                         f"needs: {shown}")
+    for layer in model.target_layers().values():  # scaling buffers were made on the meta device
+        layer.scaling = torch.empty(0, dtype=torch.float32, device=device)
+
+    policy = Policy(model, hf_config, source_name, targets, quantize).eval()
+    for i, name in enumerate(adapters):
+        policy.add_adapter(name, rank, alpha, seed=seed + i)
+    return policy
+
+
+def count_parameters(policy: Policy) -> dict[str, int]:
+    """Trainable adapter parameters per adapter (for logs)."""
+    return {name: sum(p.numel() for p in policy.adapter_parameters(name)) for name in policy.adapter_names}
