@@ -6,8 +6,9 @@
 
 Forward (`token_stats_kernel`): one program per (token block, vocabulary split) walks its split in
 BLOCK_V chunks, each chunk a [BLOCK_T, BLOCK_V] tile of logits computed over K in registers, and
-keeps an online log-sum-exp: running max m, sum of exp(logit - m), sum of exp(logit - m) * logit,
-and the target's logit when it falls in the split. Partial statistics per split are combined by
+keeps an online log-sum-exp: running max m, s = sum of exp(logit - m), e = sum of
+exp(logit - m) * (logit - m) (relative to m, so the entropy log s - e / s does not cancel a large
+common offset), and the target's logit when it falls in the split. Partial statistics per split are combined by
 the caller (a few numbers per token). No [T, V] tensor exists.
 
 Backward (`token_grad_chunk_kernel`): for one vocabulary chunk [v0, v0 + V_CHUNK), recompute the
@@ -60,8 +61,9 @@ def token_stats_kernel(
         m_new = tl.maximum(m, tl.max(masked, axis=1))
         rescale = tl.exp(m - m_new)
         p = tl.exp(masked - m_new[:, None])  # 0 where masked
+        shifted = tl.where(valid, logits - m_new[:, None], 0.0)
+        e = rescale * (e + s * tl.where(s > 0, m - m_new, 0.0)) + tl.sum(p * shifted, axis=1)
         s = s * rescale + tl.sum(p, axis=1)
-        e = e * rescale + tl.sum(p * tl.where(valid, logits, 0.0), axis=1)
         m = m_new
         hit = offs_v[None, :] == targets[:, None]
         tgt += tl.sum(tl.where(hit, logits, 0.0), axis=1)

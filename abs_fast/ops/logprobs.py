@@ -44,7 +44,9 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, v0: int, v1: int, 
 
 
 def _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk):
-    """(lse, target logit, sum p * logit) per token, online over vocabulary chunks."""
+    """(lse, target logit, entropy) per token, online over vocabulary chunks. The entropy sum is
+    kept relative to the running max (sum p * (logit - m)), so a large common logit offset does
+    not cancel catastrophically in lse - E[logit]."""
     T, V = hidden.shape[0], weight.shape[0]
     m = torch.full((T,), -math.inf, device=hidden.device)
     s = torch.zeros(T, device=hidden.device)
@@ -55,14 +57,15 @@ def _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk):
         logits = _chunk_logits(hidden, weight, v0, v1, inv_temperature)
         m_new = torch.maximum(m, logits.amax(dim=1))
         rescale = torch.exp(m - m_new)
-        p = torch.exp(logits - m_new[:, None])
+        shifted = logits - m_new[:, None]
+        p = torch.exp(shifted)
+        e = rescale * (e + s * torch.where(s > 0, m - m_new, 0.0)) + (p * shifted).sum(dim=1)
         s = s * rescale + p.sum(dim=1)
-        e = e * rescale + (p * logits).sum(dim=1)
         m = m_new
         inside = (safe_targets >= v0) & (safe_targets < v1)
         picked = logits.gather(1, (safe_targets - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
         tgt = tgt + torch.where(inside, picked, 0.0)
-    return m + torch.log(s), tgt, e / s
+    return m + torch.log(s), tgt, torch.log(s) - e / s
 
 
 def _stats_triton(hidden, weight, safe_targets, inv_temperature):
@@ -88,11 +91,12 @@ def _stats_triton(hidden, weight, safe_targets, inv_temperature):
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         V_PER_SPLIT=v_per_split, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k,
     )
-    m, s, e, tgt = stats
+    m, s, e, tgt = stats  # per split; e is sum p * (logit - m) with the split's own m
     m_all = m.amax(dim=0)
     weights = torch.exp(m - m_all)
     s_all = (s * weights).sum(dim=0)
-    return m_all + torch.log(s_all), tgt.sum(dim=0), (e * weights).sum(dim=0) / s_all
+    e_all = (weights * (e + s * (m - m_all))).sum(dim=0)
+    return m_all + torch.log(s_all), tgt.sum(dim=0), torch.log(s_all) - e_all / s_all
 
 
 def _grad_chunk_triton(hidden, weight, safe_targets, lse, entropy, dlogp, dent, v0, v1, inv_temperature):
@@ -134,11 +138,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         safe_targets = torch.where(valid, targets, 0)
         if use_triton:
-            lse, tgt, mean_logit = _stats_triton(hidden, weight, safe_targets, inv_temperature)
+            lse, tgt, entropy = _stats_triton(hidden, weight, safe_targets, inv_temperature)
         else:
-            lse, tgt, mean_logit = _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk)
+            lse, tgt, entropy = _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk)
         logprobs = torch.where(valid, tgt - lse, 0.0)
-        entropy = lse - mean_logit
         ctx.save_for_backward(hidden, weight, safe_targets, valid, lse, entropy)
         ctx.inv_temperature, ctx.chunk, ctx.use_triton = inv_temperature, chunk, use_triton
         return logprobs, entropy
