@@ -226,3 +226,18 @@ def test_request_errors_name_the_request(hf_and_dir):
         SamplingParams(top_p=0)
     with pytest.raises(TypeError, match="sequences"):
         SamplingParams(stop="</answer>")
+
+
+def test_nf4_engine_on_the_default_dispatch_matches_the_reference(hf_and_dir, monkeypatch, rng_seed):
+    """Decode steps of an NF4 policy go to the native library (or Triton) by default; the tokens and
+    log-probs must be those of the PyTorch reference."""
+    _, path = hf_and_dir
+    policy = _policy(path, "nf4", seed=rng_seed)
+    requests = [RolloutRequest(p, a, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))
+                for p, a in zip(_prompts(rng_seed, [3, 5, 2]), ["attacker", "defender", None], strict=True)]
+    reference = EmbeddedEngine(policy, max_batch=3, max_seq_len=16).generate(requests)
+    monkeypatch.setenv("ABS_FAST_BACKEND", "auto")
+    dispatched = EmbeddedEngine(policy, max_batch=3, max_seq_len=16).generate(requests)
+    for a, b in zip(reference, dispatched, strict=True):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-4
