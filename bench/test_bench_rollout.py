@@ -49,6 +49,13 @@ def _prompts(n, length, vocab=20000):
     return torch.randint(0, vocab, (n, length), generator=gen)
 
 
+def _greedy_half_and_half(prompts: torch.Tensor, new_tokens: int) -> list[RolloutRequest]:
+    """The first half of the prompts for the attacker, the rest for the defender, greedy, no EOS."""
+    params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
+    half = len(prompts) // 2
+    return [RolloutRequest(p.tolist(), "attacker" if i < half else "defender", params) for i, p in enumerate(prompts)]
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU suite runs on CPU machines")
 @pytest.mark.parametrize("variant", ["engine", "hf_peft"])
 def test_cpu_rollout(benchmark, tiny_dir, variant, tmp_path):
@@ -59,9 +66,7 @@ def test_cpu_rollout(benchmark, tiny_dir, variant, tmp_path):
     policy = load_policy(tiny_dir, quantize=None, device="cpu")
     if variant == "engine":
         engine = EmbeddedEngine(policy, max_batch=PROMPTS, max_seq_len=PROMPT_LEN + NEW_TOKENS)
-        params = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-        requests = [RolloutRequest(p.tolist(), "attacker" if i < half else "defender", params)
-                    for i, p in enumerate(prompts)]
+        requests = _greedy_half_and_half(prompts, NEW_TOKENS)
         fn = lambda: engine.generate(requests)
     else:
         from peft import PeftModel
@@ -135,9 +140,7 @@ def test_gpu_rollout_7b_decode(benchmark, variant):
     if variant == "engine":
         policy = load_policy("qwen2.5-7b", quantize="nf4", device=DEVICE)
         engine = EmbeddedEngine(policy, max_batch=batch, max_seq_len=prompt_len + new_tokens)
-        params = SamplingParams(temperature=0, max_new_tokens=new_tokens, ignore_eos=True)
-        requests = [RolloutRequest(p.tolist(), "attacker" if i < half else "defender", params)
-                    for i, p in enumerate(prompts)]
+        requests = _greedy_half_and_half(prompts, new_tokens)
         fn = lambda: engine.generate(requests)
     else:
         peft = pytest.importorskip("peft")

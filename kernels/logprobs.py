@@ -25,6 +25,22 @@ import triton.language as tl
 
 
 @triton.jit
+def _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv, stride_wk,
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hidden[offs_t] @ W[offs_v]^T as a [BLOCK_T, BLOCK_V] fp32 tile (masked rows and columns are 0)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + (k0 + offs_k)[None, :] * stride_hk,
+                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + (k0 + offs_k)[None, :] * stride_wk,
+                    mask=v_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc)
+    return acc
+
+
+@triton.jit
 def token_stats_kernel(
     h_ptr, w_ptr, target_ptr,
     max_ptr, sumexp_ptr, sumexp_logit_ptr, target_logit_ptr,  # [n_splits, T] fp32 each
@@ -37,7 +53,6 @@ def token_stats_kernel(
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     targets = tl.load(target_ptr + offs_t, mask=t_mask, other=-1)
-    offs_k = tl.arange(0, BLOCK_K)
 
     m = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_T,), tl.float32)
@@ -47,15 +62,8 @@ def token_stats_kernel(
     for v0 in range(v_start, v_start + V_PER_SPLIT, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
-        acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
-            h = tl.load(h_ptr + offs_t[:, None] * stride_ht + (k0 + offs_k)[None, :] * stride_hk,
-                        mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + (k0 + offs_k)[None, :] * stride_wk,
-                        mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(h, tl.trans(w), acc)
-        logits = acc * inv_temperature
+        logits = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv,
+                             stride_wk, BLOCK_T, BLOCK_V, BLOCK_K) * inv_temperature
         valid = v_mask[None, :]
         masked = tl.where(valid, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(masked, axis=1))
@@ -92,16 +100,8 @@ def token_grad_chunk_kernel(
     t_mask = offs_t < T
     j_mask = offs_j < V_CHUNK
     v_mask = (offs_v < V) & j_mask
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_mask = (k0 + offs_k) < K
-        h = tl.load(h_ptr + offs_t[:, None] * stride_ht + (k0 + offs_k)[None, :] * stride_hk,
-                    mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + (k0 + offs_k)[None, :] * stride_wk,
-                    mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc)
-    logits = acc * inv_temperature
+    logits = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv,
+                         stride_wk, BLOCK_T, BLOCK_V, BLOCK_K) * inv_temperature
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     dlogp = tl.load(dlogp_ptr + offs_t, mask=t_mask, other=0.0)
     targets = tl.load(target_ptr + offs_t, mask=t_mask, other=-1)
