@@ -254,7 +254,7 @@ class Policy(nn.Module):
         if adapter_ids is None:
             return None
         B, S = shape
-        if isinstance(adapter_ids, str | int) or adapter_ids is None:
+        if isinstance(adapter_ids, str | int):
             adapter_ids = [adapter_ids] * B
         if isinstance(adapter_ids, list | tuple):
             adapter_ids = torch.tensor([self.adapter_id(a) if not isinstance(a, int) else a for a in adapter_ids])
@@ -358,7 +358,3 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
         policy.add_adapter(name, rank, alpha, seed=seed + i)
     return policy
 
-
-def count_parameters(policy: Policy) -> dict[str, int]:
-    """Trainable adapter parameters per adapter (for logs)."""
-    return {name: sum(p.numel() for p in policy.adapter_parameters(name)) for name in policy.adapter_names}

@@ -152,6 +152,7 @@ class CacheWrite:
     cache: KVCache
     slots: torch.Tensor
     decode: bool
+    leading_slots: bool = False  # slots are 0..B-1: decode reads a slice of the cache, not a gather
 
 
 class Attention(nn.Module):
@@ -179,7 +180,10 @@ class Attention(nn.Module):
             cv[rows, :, position_ids] = v.transpose(1, 2).to(cv.dtype)
             if cache.decode:  # attend to the row's cache prefix (the mask bounds it)
                 span = mask.shape[-1]
-                k, v = _cache_rows(ck, cache.slots, span), _cache_rows(cv, cache.slots, span)
+                if cache.leading_slots:
+                    k, v = ck[: len(cache.slots), :, :span], cv[: len(cache.slots), :, :span]
+                else:
+                    k, v = ck[cache.slots, :, :span], cv[cache.slots, :, :span]
                 k, v = k.to(q.dtype), v.to(q.dtype)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
@@ -192,14 +196,6 @@ class Attention(nn.Module):
 def _project(layer: MultiLoRALinear, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
     """A layer outside target_modules holds no adapters: every token takes its base (as in PEFT)."""
     return layer(x, ids if layer.lora_A else None)
-
-
-def _cache_rows(cache_layer: torch.Tensor, slots: torch.Tensor, span: int) -> torch.Tensor:
-    """cache_layer[slots, :, :span]: a view when the slots are 0..B-1 (the engine keeps them so)."""
-    B = slots.numel()
-    if B and int(slots[0]) == 0 and int(slots[-1]) == B - 1:
-        return cache_layer[:B, :, :span]
-    return cache_layer[slots, :, :span]
 
 
 class MLP(nn.Module):

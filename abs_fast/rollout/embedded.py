@@ -170,8 +170,8 @@ class EmbeddedEngine:
         ids = torch.tensor([[r.adapter_id] for r in rows], device=device, dtype=torch.int32)
         slots = torch.arange(B, device=device)
         key_length = max(r.length for r in rows) + 1
-        hidden = self.policy.model(input_ids, ids, positions, None, CacheWrite(self.cache, slots, decode=True),
-                                   key_length=key_length)
+        write = CacheWrite(self.cache, slots, decode=True, leading_slots=True)
+        hidden = self.policy.model(input_ids, ids, positions, None, write, key_length=key_length)
         for r in rows:
             r.length += 1
         self.stats.decode_steps += 1
