@@ -1,0 +1,226 @@
+"""Training configuration: one flat dataclass, presets, JSON/TOML files and `--set key=value`.
+
+Every key is checked: an unknown key or a value of the wrong type is an error that names the key
+(and the file, where there is one) and lists what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+__all__ = ["MODES", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "config_from_file", "preset_config"]
+
+MODES = ("bipolicy", "shared", "defender-only", "attacker-only")
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = "tiny"  # a local checkpoint directory, or a model preset (random weights: tests, benchmarks)
+    tokenizer: str = ""  # default: the model directory's tokenizer; the offline Qwen2.5 one for presets
+    quantize: Literal["nf4", "none"] = "nf4"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    target_modules: str = "all-linear"  # or a comma list: q_proj,k_proj,...
+    gradient_checkpointing: bool = False
+    # game
+    mode: Literal["bipolicy", "shared", "defender-only", "attacker-only"] = "bipolicy"
+    seeds: list[str] = field(default_factory=lambda: ["builtin"])  # "builtin", PATH, harmful=PATH, benign=PATH
+    generated_fraction: float = 0.5  # share of games where the attacker rewrites the seed
+    reasoning: bool = True  # <think>/<answer> format with a format reward; False = plain chat
+    reward_variant: Literal["general-sum", "zero-sum", "all-one"] = "general-sum"
+    drop_ties: bool = True
+    judge: Literal["heuristic", "wildguard"] = "heuristic"
+    judge_model: str = ""  # local WildGuard-format checkpoint directory (judge=wildguard)
+    # rollout
+    rollout_batch_size: int = 128  # seeds per step
+    samples_per_prompt: int = 1  # G: samples per seed and role (GRPO / RLOO groups)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    attacker_max_new_tokens: int = 512
+    defender_max_new_tokens: int = 512
+    max_prompt_tokens: int = 1024
+    engine_max_batch: int = 64
+    # RL
+    algorithm: Literal["reinforce++", "grpo", "rloo"] = "reinforce++"
+    kl_beta: float = 0.01  # REINFORCE++/RLOO: k1 penalty in the reward; GRPO: k3 loss coefficient
+    clip_eps: float = 0.2
+    reward_clip: float = 10.0
+    train_batch_size: int = 32  # samples per optimizer step
+    token_budget: int = 8192  # tokens per packed micro-batch
+    lr_attacker: float = 2e-5
+    lr_defender: float = 2e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0  # per adapter (0 = off)
+    # run
+    steps: int = 200
+    seed: int = 0
+    output: str = "runs/abs"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        if not self.model:
+            raise ValueError("no model: pass --model LOCAL_DIR (a local Qwen2.5-*-Instruct checkpoint directory)")
+        positive = ("lora_rank", "rollout_batch_size", "samples_per_prompt", "attacker_max_new_tokens",
+                    "defender_max_new_tokens", "max_prompt_tokens", "engine_max_batch", "train_batch_size",
+                    "token_budget", "steps", "checkpoint_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.generated_fraction <= 1.0:
+            raise ValueError(f"generated_fraction must be in [0, 1], got {self.generated_fraction}")
+        if not 0 < self.top_p <= 1 or self.temperature < 0:
+            raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("kl_beta", "clip_eps", "reward_clip", "grad_clip", "weight_decay", "lr_attacker", "lr_defender"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.algorithm in ("grpo", "rloo") and self.samples_per_prompt < 2:
+            raise ValueError(f"algorithm={self.algorithm} compares samples of one seed: set samples_per_prompt >= 2")
+        if self.judge == "wildguard" and not self.judge_model:
+            raise ValueError("judge=wildguard needs judge_model=LOCAL_DIR (a WildGuard-format classifier checkpoint)")
+        if not self.seeds:
+            raise ValueError("seeds is empty: give 'builtin', PATH, harmful=PATH or benign=PATH")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_COMMON_QWEN = dict(rollout_batch_size=64, samples_per_prompt=1, train_batch_size=32, token_budget=16384,
+                    lr_attacker=2e-5, lr_defender=2e-5, attacker_max_new_tokens=512, defender_max_new_tokens=512,
+                    engine_max_batch=128, steps=200, checkpoint_every=10)
+
+# Presets: named starting points. The full-size ones need --model LOCAL_DIR.
+TRAIN_PRESETS: dict[str, dict] = {
+    "tiny": dict(model="tiny", rollout_batch_size=8, train_batch_size=8, token_budget=2048,
+                 attacker_max_new_tokens=24, defender_max_new_tokens=24, max_prompt_tokens=512, engine_max_batch=16,
+                 lr_attacker=1e-3, lr_defender=1e-3, steps=12, checkpoint_every=4, output="runs/tiny"),
+    "qwen2.5-3b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-3b"),
+    "qwen2.5-7b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-7b"),
+    "qwen2.5-14b": dict(_COMMON_QWEN, model="", token_budget=8192, gradient_checkpointing=True,
+                        output="runs/qwen2.5-14b"),
+    # a 7B run on one 24 GB card: NF4 base, small micro-batches, recomputed activations
+    "consumer-24gb": dict(_COMMON_QWEN, model="", rollout_batch_size=32, train_batch_size=16, token_budget=4096,
+                          engine_max_batch=32, attacker_max_new_tokens=384, defender_max_new_tokens=384,
+                          gradient_checkpointing=True, output="runs/consumer-24gb"),
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _describe(hint) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(str, get_args(hint)))
+    if get_origin(hint) is list:
+        return "a list of strings (comma-separated on the command line)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+
+
+def _coerce(key: str, value, where: str):
+    """value (a string from the command line, or a JSON/TOML value) as the type of field `key`."""
+    if key not in _FIELDS:
+        raise KeyError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}")
+    hint = _HINTS[key]
+    bad = ValueError(f"{where}: {key} must be {_describe(hint)}, got {value!r}")
+    if get_origin(hint) is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise bad
+        return value
+    if get_origin(hint) is list:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        lowered = str(value).strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        raise bad
+    if hint is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value), 10)
+        except ValueError:
+            raise bad from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if not isinstance(value, str):
+        raise bad
+    return value
+
+
+def preset_config(name: str) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(TRAIN_PRESETS)}")
+    return dataclasses.replace(TrainConfig(), **TRAIN_PRESETS[name])
+
+
+def apply_overrides(config: TrainConfig, overrides: dict | list[str], where: str = "--set") -> TrainConfig:
+    """overrides: {key: value} or ["key=value", ...]."""
+    if isinstance(overrides, list):
+        pairs = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{where}: expected key=value, got {item!r}")
+            pairs[key.strip()] = value
+        overrides = pairs
+    changes = {key: _coerce(key, value, where) for key, value in overrides.items()}
+    return dataclasses.replace(config, **changes)
+
+
+def config_from_file(path: str | Path) -> TrainConfig:
+    """A JSON or TOML file of config keys; an optional "preset" key names the starting point."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:
+            raise ImportError(f"{path}: TOML configs need Python 3.11 or newer; use a JSON file") from None
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from None
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected an object of config keys")
+    preset = values.pop("preset", None)
+    base = preset_config(preset) if preset is not None else TrainConfig()
+    return apply_overrides(base, values, where=str(path))

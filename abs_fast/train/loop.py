@@ -1,0 +1,428 @@
+"""The self-play loop (DESIGN.md "Data flow of one self-play step").
+
+Per step: take seeds, split them into generated and vanilla games; wave 1 (attacker turns of
+generated games with defender turns of vanilla games, one engine batch); wave 2 (defender turns of
+generated games); format checks, the judge, rewards; one RL update over both roles; metrics;
+a checkpoint on schedule. Modes: bipolicy (ABS), shared (one adapter plays both roles),
+defender-only and attacker-only (the other role is the frozen base).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from abs_fast.game import (
+    OUTCOMES,
+    HeuristicJudge,
+    Judge,
+    WildGuardJudge,
+    attacker_messages,
+    check_format,
+    defender_messages,
+    encode_turn,
+    parse_seed_spec,
+    score_game,
+)
+from abs_fast.io import atomic_write_text
+from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
+from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from abs_fast.train.config import TrainConfig
+from abs_fast.train.metrics import MetricsLog
+from abs_fast.train.update import ROLES, Sample, UpdateSettings, policy_update
+
+__all__ = ["SeedStream", "Trainer", "role_adapters"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def role_adapters(mode: str) -> dict[str, str | None]:
+    """Which adapter plays each role (None = the frozen base) in a training mode."""
+    return {
+        "bipolicy": {"attacker": "attacker", "defender": "defender"},
+        "shared": {"attacker": "shared", "defender": "shared"},
+        "defender-only": {"attacker": None, "defender": "defender"},
+        "attacker-only": {"attacker": "attacker", "defender": None},
+    }[mode]
+
+
+class SeedStream:
+    """Seeds in a fresh seeded order every epoch; the state is one integer (seeds taken so far)."""
+
+    def __init__(self, seeds: list, seed: int, position: int = 0):
+        if not seeds:
+            raise ValueError("no seeds to train on")
+        self.seeds, self.seed, self.position = seeds, seed, position
+
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.seeds), generator=gen).tolist()
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            epoch, index = divmod(self.position, len(self.seeds))
+            out.append(self.seeds[self._order(epoch)[index]])
+            self.position += 1
+        return out
+
+
+@dataclass
+class _Game:
+    seed: object  # game.Seed
+    kind: str  # "generated" | "vanilla"
+    group: int
+    attacker_prompt: list[int] | None = None
+    attacker_response: list[int] | None = None
+    attacker_text: str = ""
+    attacker_violated: bool | None = None
+    defender_query: str = ""
+    defender_prompt: list[int] | None = None
+    defender_response: list[int] | None = None
+    defender_text: str = ""
+    defender_answer: str = ""
+    defender_violated: bool | None = None
+    dropped: str = ""  # why the game left the step before judging
+    label: object = None  # the judge's JudgeLabels
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class Trainer:
+    """Builds the policy, engine, judge and optimizer from a TrainConfig and runs steps.
+
+    judge / policy / tokenizer may be passed in (tests); otherwise they come from the config.
+    resume=True continues from the newest checkpoint in config.output.
+    """
+
+    def __init__(self, config: TrainConfig, judge: Judge | None = None, policy=None, tokenizer=None,
+                 resume: bool = False, log: Callable[[str], None] | None = None):
+        self.config = config.validate()
+        self.run_dir = Path(config.output)
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.adapters = role_adapters(config.mode)
+        self.trained_roles = tuple(role for role in ROLES if self.adapters[role] is not None)
+        self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer()
+        self.policy = policy if policy is not None else self._load_policy()
+        self.policy.gradient_checkpointing(config.gradient_checkpointing)
+        max_seq_len = config.max_prompt_tokens + config.attacker_max_new_tokens + config.defender_max_new_tokens
+        self.engine = EmbeddedEngine(self.policy, self.tokenizer, max_batch=config.engine_max_batch,
+                                     max_seq_len=max_seq_len, seed=config.seed)
+        self.judge = judge if judge is not None else self._load_judge()
+        seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]
+        self.stream = SeedStream(seeds, config.seed)
+        self.rng = torch.Generator().manual_seed(config.seed)
+        self.optimizer, self.group_roles = self._build_optimizer()
+        self.stop_ids = tuple(i for i in {self.tokenizer.eos_token_id, *self.policy.config.eos_token_ids}
+                              if i is not None)
+        self.step = 0
+        resume_step = None
+        if resume:
+            resume_step = self._resume()
+        elif latest_checkpoint(self.run_dir) is not None:
+            raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; pass --resume to continue "
+                                  "it, or choose another output directory")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+        self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, resume_step=resume_step)
+
+    # --- construction ----------------------------------------------------------------------
+
+    def _load_tokenizer(self):
+        from abs_fast.model import PRESETS, load_qwen25_tokenizer
+
+        source = self.config.tokenizer or self.config.model
+        if source in PRESETS or source == "qwen2.5":
+            return load_qwen25_tokenizer()
+        from transformers import AutoTokenizer
+
+        if not (Path(source) / "tokenizer_config.json").is_file() and not (Path(source) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json); set "
+                                    "tokenizer=DIR, or tokenizer=qwen2.5 for the offline Qwen2.5 tokenizer")
+        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+
+    def _load_policy(self):
+        from abs_fast.model import PRESETS, load_policy
+
+        config = self.config
+        if config.model in PRESETS and config.model != "tiny":
+            self.log(f"model={config.model} is a preset with RANDOM weights (for benchmarks); pass --model DIR to "
+                     "train a real checkpoint")
+        device = None if config.device == "auto" else config.device
+        dtype = _DTYPES.get(config.dtype)
+        names = tuple(dict.fromkeys(a for a in self.adapters.values() if a is not None))
+        targets = config.target_modules if config.target_modules == "all-linear" else \
+            [t.strip() for t in config.target_modules.split(",")]
+        return load_policy(config.model, quantize=None if config.quantize == "none" else config.quantize,
+                           adapters=names, rank=config.lora_rank, alpha=config.lora_alpha, target_modules=targets,
+                           device=device, dtype=dtype, seed=config.seed)
+
+    def _load_judge(self) -> Judge:
+        if self.config.judge == "heuristic":
+            return HeuristicJudge()
+        device = None if self.config.device == "auto" else self.config.device
+        return WildGuardJudge.from_pretrained(self.config.judge_model, device=device)
+
+    def _build_optimizer(self):
+        config = self.config
+        groups, group_roles = [], {}
+        for name in dict.fromkeys(a for a in self.adapters.values() if a is not None):
+            roles = tuple(role for role in ROLES if self.adapters[role] == name)
+            lr = config.lr_defender if "defender" in roles else config.lr_attacker
+            groups.append({"params": self.policy.adapter_parameters(name), "lr": lr, "base_lr": lr, "name": name})
+            group_roles[name] = roles
+        optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.weight_decay, eps=1e-8)
+        return optimizer, group_roles
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        states = {"torch": torch.get_rng_state(), "trainer": self.rng.get_state(),
+                  "engine": self.engine.generator.get_state().cpu()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                states[f"cuda{i}"] = s
+        return states
+
+    def save(self) -> Path:
+        state = {"data_position": self.stream.position, "mode": self.config.mode, "seed": self.config.seed}
+        return save_checkpoint(self.run_dir, self.step, self.policy, self.optimizer, self._rng_states(), state,
+                               keep=self.config.keep_checkpoints)
+
+    def _resume(self) -> int:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        state, rng = load_checkpoint(checkpoint, self.policy, self.optimizer)
+        if state.get("mode") != self.config.mode:
+            raise ValueError(f"{checkpoint}: saved by a {state.get('mode')!r} run, this run's mode is "
+                             f"{self.config.mode!r}")
+        self.step = int(state["step"])
+        self.stream.position = int(state["data_position"])
+        torch.set_rng_state(rng["torch"])
+        self.rng.set_state(rng["trainer"])
+        self.engine.generator.set_state(rng["engine"].to(self.engine.generator.device))
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                          if f"cuda{i}" in rng])
+        self.log(f"resumed from {checkpoint} (step {self.step})")
+        return self.step
+
+    # --- one step ------------------------------------------------------------------------
+
+    def _sampling(self, role: str) -> SamplingParams:
+        config = self.config
+        limit = config.attacker_max_new_tokens if role == "attacker" else config.defender_max_new_tokens
+        return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=limit,
+                              stop_token_ids=self.stop_ids)
+
+    def _games(self) -> list[_Game]:
+        config = self.config
+        seeds = self.stream.take(config.rollout_batch_size)
+        fraction = 1.0 if config.mode == "attacker-only" else config.generated_fraction
+        order = torch.randperm(len(seeds), generator=self.rng).tolist()
+        generated = set(order[: round(len(seeds) * fraction)])
+        games = []
+        for i, seed in enumerate(seeds):
+            kind = "generated" if i in generated else "vanilla"
+            games += [_Game(seed, kind, group=i) for _ in range(config.samples_per_prompt)]
+        return games
+
+    def _set_learning_rates(self) -> None:
+        warmup = max(1, round(self.config.warmup_ratio * self.config.steps))
+        factor = min(1.0, (self.step + 1) / warmup)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+    def run_step(self) -> dict:
+        """Play one batch of games, train on them, log; returns the step's metrics."""
+        config, tok = self.config, self.tokenizer
+        step_start = time.perf_counter()
+        if self.policy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
+        games = self._games()
+        reasoning = config.reasoning
+
+        # wave 1: attacker turns of generated games + defender turns of vanilla games, one batch
+        start = time.perf_counter()
+        wave1 = []
+        for game in games:
+            if game.kind == "generated":
+                game.attacker_prompt = encode_turn(tok, attacker_messages(game.seed.prompt, game.seed.type, reasoning),
+                                                   reasoning)
+                prompt, role = game.attacker_prompt, "attacker"
+            else:
+                game.defender_query = game.seed.prompt
+                game.defender_prompt = encode_turn(tok, defender_messages(game.defender_query, reasoning), reasoning)
+                prompt, role = game.defender_prompt, "defender"
+            if len(prompt) > config.max_prompt_tokens:
+                game.dropped = "prompt_too_long"
+                continue
+            wave1.append((game, role, RolloutRequest(prompt, self.adapters[role], self._sampling(role))))
+        generated_tokens = 0
+        for (game, role, _), result in zip(wave1, self.engine.generate([r for _, _, r in wave1]), strict=True):
+            generated_tokens += len(result.token_ids)
+            if role == "attacker":
+                game.attacker_response, game.attacker_text = result.token_ids, result.text
+                if reasoning:
+                    _, passed, game.attacker_violated = check_format(result.text)
+                else:
+                    passed, game.attacker_violated = result.text.strip(), None
+                game.defender_query = passed
+            else:
+                game.defender_response, game.defender_text = result.token_ids, result.text
+        # wave 2: defender turns of generated games
+        wave2 = []
+        limit = config.max_prompt_tokens + config.attacker_max_new_tokens
+        for game in games:
+            if game.kind == "generated" and not game.dropped:
+                game.defender_prompt = encode_turn(tok, defender_messages(game.defender_query, reasoning), reasoning)
+                if len(game.defender_prompt) > limit:
+                    game.dropped = "prompt_too_long"
+                    continue
+                wave2.append((game, RolloutRequest(game.defender_prompt, self.adapters["defender"],
+                                                   self._sampling("defender"))))
+        for (game, _), result in zip(wave2, self.engine.generate([r for _, r in wave2]), strict=True):
+            generated_tokens += len(result.token_ids)
+            game.defender_response, game.defender_text = result.token_ids, result.text
+        rollout_seconds = time.perf_counter() - start
+
+        # judge and rewards
+        start = time.perf_counter()
+        played = [g for g in games if not g.dropped]
+        for game in played:
+            if reasoning:
+                _, game.defender_answer, game.defender_violated = check_format(game.defender_text)
+            else:
+                game.defender_answer, game.defender_violated = game.defender_text.strip(), None
+        labels = self.judge.classify([g.defender_query for g in played], [g.defender_answer for g in played])
+        judge_seconds = time.perf_counter() - start
+        samples: list[Sample] = []
+        outcome_counts: Counter = Counter()
+        rewards: dict[str, list[float]] = {"attacker": [], "defender": []}
+        for game, label in zip(played, labels, strict=True):
+            score = score_game(label, game.seed.type, game.kind, game.attacker_violated, game.defender_violated,
+                               variant=config.reward_variant, drop_ties=config.drop_ties)
+            outcome_counts.update(score.outcomes)
+            game.label = label
+            for role, reward, prompt, response in (
+                ("attacker", score.attacker_reward, game.attacker_prompt, game.attacker_response),
+                ("defender", score.defender_reward, game.defender_prompt, game.defender_response),
+            ):
+                if reward is None:
+                    continue
+                rewards[role].append(reward)
+                if role in self.trained_roles:
+                    samples.append(Sample(role, self.adapters[role], prompt, response, reward,
+                                          group=2 * game.group + ROLES.index(role)))
+
+        # the RL update over both roles at once
+        self._set_learning_rates()
+        settings = UpdateSettings(algorithm=config.algorithm, kl_beta=config.kl_beta, clip_eps=config.clip_eps,
+                                  reward_clip=config.reward_clip, train_batch_size=config.train_batch_size,
+                                  token_budget=config.token_budget, grad_clip=config.grad_clip,
+                                  temperature=config.temperature)
+        update = policy_update(self.policy, self.optimizer, samples, settings, self.rng, self.group_roles,
+                               warn=self.log)
+        start = time.perf_counter()
+        self.engine.update_adapters(self.policy)
+        sync_seconds = time.perf_counter() - start
+        self.step += 1
+
+        record = {"step": self.step, "data_position": self.stream.position}
+        record.update(self._game_metrics(games, played, outcome_counts, rewards, labels))
+        record["samples/attacker"] = sum(s.role == "attacker" for s in samples)
+        record["samples/defender"] = sum(s.role == "defender" for s in samples)
+        record.update(update)
+        for group in self.optimizer.param_groups:
+            record[f"lr/{group['name']}"] = group["lr"]
+        record["seconds/rollout"] = rollout_seconds
+        record["tokens_per_second/rollout"] = generated_tokens / max(rollout_seconds, 1e-9)
+        record["seconds/judge"] = judge_seconds
+        record["games_per_second/judge"] = len(played) / max(judge_seconds, 1e-9)
+        record["seconds/sync"] = sync_seconds
+        record["seconds/step"] = time.perf_counter() - step_start
+        record["peak_memory_gb"] = _peak_memory_gb(self.policy.device)
+        self.metrics.log(record)
+        if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            self.save()
+        return record
+
+    def _game_metrics(self, games, played, outcome_counts, rewards, labels) -> dict:
+        generated = [g for g in played if g.kind == "generated"]
+        record: dict = {"games": len(games), "games/generated": len(generated),
+                        "games/dropped_prompt_too_long": sum(g.dropped == "prompt_too_long" for g in games)}
+        for role in ROLES:
+            if rewards[role]:
+                record[f"reward/{role}"] = sum(rewards[role]) / len(rewards[role])
+        attacker_outcomes = {o for o in OUTCOMES if "revision" in o or o.startswith(("win_", "lose_"))}
+        for outcome in OUTCOMES:
+            total = len(generated) if outcome in attacker_outcomes else len(played)
+            record[f"outcome/{outcome}"] = outcome_counts[outcome] / total if total else 0.0
+        record["ties"] = outcome_counts["tie"]
+        record["judge_parse_errors"] = outcome_counts["parse_error"]
+        harm = [g.label.response_harmful for g in generated if g.label.response_harmful is not None]
+        record["attack_success"] = sum(harm) / len(harm) if harm else float("nan")
+        for name, want in (("harmful_prompt", True), ("benign_prompt", False)):
+            refusals = [g.label.refusal for g in played
+                        if g.label.prompt_harmful is want and g.label.refusal is not None]
+            record[f"refusal_rate/{name}"] = sum(refusals) / len(refusals) if refusals else float("nan")
+        if self.config.reasoning:
+            if generated:
+                record["format_violation/attacker"] = sum(bool(g.attacker_violated) for g in generated) / len(generated)
+            if played:
+                record["format_violation/defender"] = sum(bool(g.defender_violated) for g in played) / len(played)
+        return record
+
+    # --- the run -------------------------------------------------------------------------
+
+    def train(self, progress: bool | None = None) -> list[dict]:
+        """Run steps until config.steps; returns this call's step records."""
+        progress = self.config.progress if progress is None else progress
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.config.steps, initial=self.step, desc=f"ABS {self.config.mode}", unit="step")
+            self.log = bar.write
+        records = []
+        try:
+            while self.step < self.config.steps:
+                record = self.run_step()
+                records.append(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(_postfix(record), refresh=True)
+        finally:
+            if bar is not None:
+                bar.close()
+            self.metrics.close()
+        for name in dict.fromkeys(a for a in self.adapters.values() if a is not None):
+            self.policy.save_adapters(self.run_dir, names=[name])
+        return records
+
+
+def _postfix(record: dict) -> dict:
+    out = {}
+    for key, short in (("reward/attacker", "R_att"), ("reward/defender", "R_def"), ("attack_success", "ASR"),
+                       ("kl/defender", "KL_def"), ("seconds/step", "s/step")):
+        value = record.get(key)
+        if isinstance(value, float) and math.isfinite(value):
+            out[short] = f"{value:.3f}" if key != "seconds/step" else f"{value:.1f}"
+    return out
+

@@ -1,0 +1,130 @@
+"""Per-step metrics: metrics.jsonl (one JSON object per line, fsynced), TensorBoard, the plot and the
+summary table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from abs_fast.io import atomic_write_text
+
+__all__ = ["TIMING_PREFIXES", "MetricsLog", "plot_metrics", "read_metrics", "summary_table"]
+
+# Keys that measure the machine rather than the run: they differ between identical runs.
+TIMING_PREFIXES = ("seconds/", "tokens_per_second/", "peak_memory", "time")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a metrics.jsonl; a torn last line (a run killed mid-write) is ignored."""
+    records = []
+    path = Path(path)
+    if not path.is_file():
+        return records
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not valid JSON") from None
+    return records
+
+
+class MetricsLog:
+    """Appends one record per step. resume_step: keep the records up to that step (a resumed run);
+    None starts a fresh file."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open for the run)
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = resume_step + 1 if resume_step is not None else None
+            self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
+
+    def log(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, record["step"])
+            self._writer.flush()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def plot_metrics(records: list[dict], path: str | Path) -> Path:
+    """A PNG: mean reward per role (top) and the rate of each outcome (bottom) over steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for role in ("attacker", "defender"):
+        key = f"reward/{role}"
+        points = [(s, r[key]) for s, r in zip(steps, records, strict=True) if key in r]
+        if points:
+            top.plot(*zip(*points, strict=True), marker="o", label=role)
+    top.set_ylabel("mean reward")
+    top.axhline(0.0, color="grey", linewidth=0.5)
+    top.legend()
+    top.set_title("ABS self-play: reward per role")
+    outcome_keys = sorted({k for r in records for k in r if k.startswith("outcome/")})
+    for key in outcome_keys:
+        points = [(s, r[key]) for s, r in zip(steps, records, strict=True) if key in r]
+        if any(v for _, v in points):
+            bottom.plot(*zip(*points, strict=True), label=key.split("/", 1)[1])
+    bottom.set_ylabel("rate")
+    bottom.set_xlabel("step")
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    bottom.set_title("outcome rates")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+_SUMMARY_KEYS = (
+    ("reward/attacker", "attacker reward"), ("reward/defender", "defender reward"),
+    ("attack_success", "attack success (judge-harmful answers)"),
+    ("refusal_rate/harmful_prompt", "refusal on harmful prompts"),
+    ("refusal_rate/benign_prompt", "refusal on benign prompts"),
+    ("format_violation/attacker", "attacker format violations"),
+    ("format_violation/defender", "defender format violations"),
+    ("kl/attacker", "KL attacker || base"), ("kl/defender", "KL defender || base"),
+)
+
+
+def summary_table(records: list[dict]) -> str:
+    """First step vs last step for the headline metrics, as a plain-text table."""
+    if not records:
+        return "(no steps recorded)"
+    first, last = records[0], records[-1]
+    rows = [("metric", f"step {first['step']}", f"step {last['step']}")]
+    for key, label in _SUMMARY_KEYS:
+        if key in first or key in last:
+            fmt = lambda r: f"{r[key]:.3f}" if isinstance(r.get(key), int | float) else "-"  # noqa: B023
+            rows.append((label, fmt(first), fmt(last)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
+             strict=True))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""One RL update over a batch of sampled responses of both roles (DESIGN.md steps 4 and 5).
+
+1. One no-grad pass over packed rows for the old-policy log-probs (each sample under its own
+   adapter) and the reference log-probs (the same tokens under adapter id -1, the base): both in
+   the same packed rows, so one pass serves both roles and the anchor.
+2. Advantages per the configured estimator.
+3. Train batches of `train_batch_size` samples, each split into packed micro-batches of at most
+   `token_budget` tokens; one forward+backward per micro-batch over rows that mix both roles; one
+   optimizer with one param group per adapter. An adapter whose roles have no tokens in a train
+   batch gets no gradient (None), so its parameters and optimizer state stay untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from abs_fast.ops.logprobs import token_logprobs
+from abs_fast.rl import (
+    aggregate_per_role,
+    grpo_advantages,
+    kl_k1,
+    kl_loss,
+    ppo_clip_loss,
+    reinforce_pp_advantages,
+    rloo_advantages,
+)
+
+__all__ = ["ROLES", "Sample", "UpdateSettings", "micro_batches", "packed_logprobs", "policy_update"]
+
+ROLES = ("attacker", "defender")
+
+
+@dataclass
+class Sample:
+    """One sampled response to train on. adapter: the adapter that produced it and learns from it."""
+
+    role: str
+    adapter: str
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    reward: float
+    group: int = 0  # samples of one seed and role: the comparison set of GRPO / RLOO
+
+    def __len__(self) -> int:  # tokens the packed forward reads
+        return len(self.prompt_ids) + len(self.response_ids) - 1
+
+
+@dataclass
+class UpdateSettings:
+    algorithm: str = "reinforce++"
+    kl_beta: float = 0.01
+    clip_eps: float = 0.2
+    reward_clip: float = 10.0
+    train_batch_size: int = 32
+    token_budget: int = 8192
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+
+
+def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Consecutive index groups whose lengths sum to at most token_budget (a longer item alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i, n in enumerate(lengths):
+        if current and used + n > token_budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def packed_logprobs(policy, items: Sequence[tuple[Sequence[int], Sequence[int], int]], temperature: float = 1.0,
+                    return_entropy: bool = False):
+    """Log-probs of each item's response tokens, all items packed into one row.
+
+    items: (prompt_ids, response_ids, adapter_id); the row holds prompt + response[:-1] of each
+    item with positions restarting at 0 (attention stays within an item). Returns a list of [L_i]
+    tensors (and a list of entropies)."""
+    device = policy.device
+    tokens, positions, ids, gather, targets = [], [], [], [], []
+    offset = 0
+    for prompt, response, adapter_id in items:
+        sequence = list(prompt) + list(response[:-1])
+        n = len(sequence)
+        tokens += sequence
+        positions += range(n)
+        ids += [adapter_id] * n
+        start = offset + len(prompt) - 1
+        gather += range(start, start + len(response))
+        targets += list(response)
+        offset += n
+    as_row = lambda values: torch.tensor(values, device=device)[None]
+    hidden = policy(as_row(tokens), as_row(ids).to(torch.int32), as_row(positions))
+    picked = hidden[0, torch.tensor(gather, device=device)]
+    out = token_logprobs(picked, policy.model.lm_head_weight, torch.tensor(targets, device=device),
+                         temperature=temperature, return_entropy=return_entropy)
+    lengths = [len(response) for _, response, _ in items]
+    if return_entropy:
+        return list(out[0].split(lengths)), list(out[1].split(lengths))
+    return list(out.split(lengths))
+
+
+def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=torch.float32, device=rows[0].device if rows else "cpu")
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], settings: UpdateSettings,
+                  generator: torch.Generator, group_roles: dict[str, tuple[str, ...]],
+                  warn: Callable[[str], None] = print) -> dict[str, float]:
+    """Train on `samples` (both roles mixed). group_roles: param group name -> the roles whose
+    samples train it. Returns metrics of the update."""
+    metrics: dict[str, float] = {}
+    if not samples:
+        return metrics
+    device = policy.device
+    temperature = settings.temperature if settings.temperature > 0 else 1.0
+    role_index = {role: i for i, role in enumerate(ROLES)}
+    roles = torch.tensor([role_index[s.role] for s in samples], device=device)
+    adapter_ids = [policy.adapter_id(s.adapter) for s in samples]
+
+    # 1. old-policy and reference log-probs in one no-grad pass (each sample twice: adapter, -1)
+    start = time.perf_counter()
+    twice = [(s.prompt_ids, s.response_ids, a) for s, a in zip(samples, adapter_ids, strict=True)]
+    twice += [(s.prompt_ids, s.response_ids, -1) for s in samples]
+    old_and_ref: list[torch.Tensor] = [None] * len(twice)
+    entropy: list[torch.Tensor] = [None] * len(samples)
+    with torch.no_grad():
+        for batch in micro_batches([len(s) for s in samples] * 2, settings.token_budget):
+            logps, ents = packed_logprobs(policy, [twice[i] for i in batch], temperature, return_entropy=True)
+            for i, lp, ent in zip(batch, logps, ents, strict=True):
+                old_and_ref[i] = lp
+                if i < len(samples):
+                    entropy[i] = ent
+    N = len(samples)
+    L = max(len(s.response_ids) for s in samples)
+    logp_old, logp_ref = _pad(old_and_ref[:N], L), _pad(old_and_ref[N:], L)
+    mask = _pad([torch.ones(len(s.response_ids), device=device) for s in samples], L)
+    entropies = _pad(entropy, L)
+    metrics["seconds/logprob"] = time.perf_counter() - start
+    metrics["tokens_per_second/logprob"] = 2 * sum(len(s) for s in samples) / max(metrics["seconds/logprob"], 1e-9)
+
+    # 2. advantages
+    rewards = torch.tensor([s.reward for s in samples], device=device, dtype=torch.float32)
+    rewards = rewards.clamp(-settings.reward_clip, settings.reward_clip)
+    groups = torch.tensor([s.group for s in samples], device=device)
+    if settings.algorithm == "reinforce++":
+        advantages = reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, roles, settings.kl_beta)
+    elif settings.algorithm == "grpo":
+        advantages = grpo_advantages(rewards, groups)[:, None] * mask
+    elif settings.algorithm == "rloo":
+        kl_total = (kl_k1(logp_old, logp_ref) * mask).sum(1)
+        advantages = rloo_advantages(rewards - settings.kl_beta * kl_total, groups)[:, None] * mask
+    else:
+        raise ValueError(f"unknown algorithm {settings.algorithm!r}; choose reinforce++, grpo or rloo")
+    for role, i in role_index.items():
+        chosen = (roles == i)[:, None] & mask.bool()
+        if chosen.any():
+            metrics[f"kl/{role}"] = float(kl_k1(logp_old, logp_ref)[chosen].mean())
+            metrics[f"entropy/{role}"] = float(entropies[chosen].mean())
+            metrics[f"response_tokens/{role}"] = float(mask[roles == i].sum(1).mean())
+
+    # 3. train batches -> packed micro-batches -> one optimizer step per train batch
+    start = time.perf_counter()
+    order = torch.randperm(N, generator=generator).tolist()
+    groups_by_name = {g["name"]: g for g in optimizer.param_groups}
+    losses, clipped, tokens_seen, steps_taken, skipped = [], [], 0, 0, 0
+    norms: dict[str, list[float]] = {name: [] for name in groups_by_name}
+    for b0 in range(0, N, settings.train_batch_size):
+        batch = order[b0:b0 + settings.train_batch_size]
+        role_tokens = {i: int(mask[[j for j in batch if int(roles[j]) == i]].sum()) for i in role_index.values()}
+        finite = True
+        batch_loss = 0.0
+        for micro in micro_batches([len(samples[j]) for j in batch], settings.token_budget):
+            chosen = [batch[k] for k in micro]
+            items = [(samples[j].prompt_ids, samples[j].response_ids, adapter_ids[j]) for j in chosen]
+            logp = torch.cat(packed_logprobs(policy, items, temperature))
+            valid = mask[chosen].bool()
+            old, adv, ref = logp_old[chosen][valid], advantages[chosen][valid], logp_ref[chosen][valid]
+            token_loss, was_clipped = ppo_clip_loss(logp, old, adv, settings.clip_eps)
+            if settings.algorithm == "grpo" and settings.kl_beta > 0:
+                token_loss = token_loss + settings.kl_beta * kl_loss(logp, ref)
+            token_roles = roles[chosen][:, None].expand_as(valid)[valid]
+            loss = aggregate_per_role(token_loss, token_roles, role_tokens)
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            batch_loss += float(loss.detach())
+            clipped.append(was_clipped.float().sum().item())
+            tokens_seen += int(valid.sum())
+        if finite:
+            trained = {ROLES[i] for i, n in role_tokens.items() if n}
+            for name, group in groups_by_name.items():
+                if not trained & set(group_roles[name]):
+                    for p in group["params"]:
+                        p.grad = None  # this adapter played no trained role here: leave it untouched
+                    continue
+                params = [p for p in group["params"] if p.grad is not None]
+                max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf
+                norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+                if not math.isfinite(norm):
+                    finite = False
+                norms[name].append(norm)
+        if finite:
+            optimizer.step()
+            steps_taken += 1
+            losses.append(batch_loss)
+        else:
+            skipped += 1
+            warn(f"non-finite loss or gradient in train batch {b0 // settings.train_batch_size}: optimizer step "
+                 "skipped (adapters unchanged)")
+        optimizer.zero_grad(set_to_none=True)
+    metrics["seconds/train"] = time.perf_counter() - start
+    metrics["tokens_per_second/train"] = sum(len(s) for s in samples) / max(metrics["seconds/train"], 1e-9)
+    metrics["loss"] = sum(losses) / len(losses) if losses else float("nan")
+    metrics["clip_fraction"] = sum(clipped) / max(tokens_seen, 1)
+    metrics["optimizer_steps"] = steps_taken
+    metrics["nonfinite_skipped"] = skipped
+    for name, values in norms.items():
+        if values:
+            metrics[f"grad_norm/{name}"] = max(values)
+    return metrics
