@@ -44,3 +44,11 @@ def rng_seed(request) -> int:
     request.node.user_properties.append(("seed", seed))
     print(f"seed={seed}")
     return seed
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The offline Qwen2.5 tokenizer (built once and cached on disk)."""
+    from abs_fast.model import load_qwen25_tokenizer
+
+    return load_qwen25_tokenizer()

@@ -1,0 +1,325 @@
+"""The trainer: learning on a verifiable reward, role separation, NaN guard, config checking,
+checkpoints and exact resume (also after SIGKILL), and the demo command."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from abs_fast.model import build_model, load_policy
+from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
+from abs_fast.train import (
+    Sample,
+    Trainer,
+    UpdateSettings,
+    apply_overrides,
+    config_from_file,
+    latest_checkpoint,
+    policy_update,
+    preset_config,
+    read_metrics,
+)
+from abs_fast.train.metrics import TIMING_PREFIXES
+
+VOCAB = 256
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    """Whole models under the Triton interpreter would take minutes; the kernels have their own tests."""
+    monkeypatch.setenv("ABS_FAST_BACKEND", "reference")
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory):
+    """A tiny Qwen2 checkpoint with a 256-token vocabulary and embeddings large enough (std 0.2) that
+    an adapter can make any single token likely."""
+    directory = tmp_path_factory.mktemp("small_vocab")
+    build_model("tiny", seed=3, initializer_range=0.2, vocab_size=VOCAB, bos_token_id=0,
+                eos_token_id=1).save_pretrained(directory)
+    return directory
+
+
+def _optimizer(policy, names, lr):
+    groups = [{"params": policy.adapter_parameters(n), "lr": lr, "name": n} for n in names]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def _play(engine, prompts, roles, samples_per_prompt, target, new_tokens=8):
+    """Sample responses for every (prompt, role) and reward the share of the role's target token."""
+    params = SamplingParams(temperature=1.0, max_new_tokens=new_tokens, ignore_eos=True)
+    requests, meta = [], []
+    for i, prompt in enumerate(prompts):
+        for role in roles:
+            for _ in range(samples_per_prompt):
+                requests.append(RolloutRequest(prompt, role, params))
+                meta.append((i, role))
+    samples, rewards = [], {role: [] for role in roles}
+    for (i, role), result in zip(meta, engine.generate(requests), strict=True):
+        reward = sum(t == target[role] for t in result.token_ids) / len(result.token_ids)
+        rewards[role].append(reward)
+        samples.append(Sample(role, role, prompts[i], result.token_ids, reward, group=2 * i + roles.index(role)))
+    return samples, {role: sum(v) / len(v) for role, v in rewards.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["reinforce++", "grpo"])
+def test_both_adapters_learn_a_verifiable_reward_in_one_batched_pass(small_vocab_model, algorithm, rng_seed):
+    """Reward = share of generated tokens equal to the role's chosen token (attacker and defender
+    have different tokens). Base rate about 1/256; both must pass 0.2 within 40 steps, trained
+    together: every update packs both roles' samples into the same micro-batches."""
+    policy = load_policy(small_vocab_model, quantize=None, rank=8, alpha=16, seed=1)
+    engine = EmbeddedEngine(policy, max_batch=64, max_seq_len=32, seed=rng_seed)
+    optimizer = _optimizer(policy, ("attacker", "defender"), 1e-2)
+    gen = torch.Generator().manual_seed(rng_seed)
+    prompts = [torch.randint(2, VOCAB, (6,), generator=gen).tolist() for _ in range(16)]
+    target = {"attacker": 5, "defender": 77}
+    settings = UpdateSettings(algorithm=algorithm, train_batch_size=128, token_budget=4096)
+    history = []
+    for _ in range(40):
+        samples, mean_reward = _play(engine, prompts, ("attacker", "defender"), 4, target)
+        metrics = policy_update(policy, optimizer, samples, settings, gen,
+                                {"attacker": ("attacker",), "defender": ("defender",)})
+        assert metrics["optimizer_steps"] == 1  # one train batch holding both roles
+        history.append(mean_reward)
+    for role in ("attacker", "defender"):
+        start = sum(h[role] for h in history[:3]) / 3
+        end = sum(h[role] for h in history[-3:]) / 3
+        assert start < 0.05, (role, start)
+        assert end > 0.2, (role, [round(h[role], 3) for h in history])
+
+
+def _defender_logits(policy, prompt):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        return policy.logits(ids, ["defender" if "defender" in policy.adapter_names else "shared"])
+
+
+@pytest.mark.parametrize("mode", ["bipolicy", "shared"])
+def test_role_separation(small_vocab_model, mode, rng_seed):
+    """bipolicy: a train batch of attacker samples only leaves the defender adapter (parameters,
+    optimizer state, outputs) bit-identical, even after both were trained (Adam momentum is live).
+    shared: the one adapter plays both roles, so the same batch changes the defender's outputs."""
+    names = ("attacker", "defender") if mode == "bipolicy" else ("shared",)
+    policy = load_policy(small_vocab_model, quantize=None, adapters=names, rank=4, alpha=8, seed=2)
+    adapters = {"attacker": names[0], "defender": names[-1]}
+    group_roles = {"attacker": ("attacker",), "defender": ("defender",)} if mode == "bipolicy" else \
+        {"shared": ("attacker", "defender")}
+    optimizer = _optimizer(policy, names, 1e-2)
+    gen = torch.Generator().manual_seed(rng_seed)
+    prompt = torch.randint(2, VOCAB, (5,), generator=gen).tolist()
+
+    def samples_for(roles):
+        return [Sample(role, adapters[role], prompt, torch.randint(2, VOCAB, (4,), generator=gen).tolist(),
+                       float(torch.randn(1, generator=gen)), group=i) for i, role in enumerate(roles * 4)]
+
+    settings = UpdateSettings(train_batch_size=64)
+    policy_update(policy, optimizer, samples_for(["attacker", "defender"]), settings, gen, group_roles)
+    defender_params = [p.detach().clone() for p in policy.adapter_parameters(adapters["defender"])]
+    attacker_params = [p.detach().clone() for p in policy.adapter_parameters(adapters["attacker"])]
+    defender_state = [{k: v.clone() for k, v in optimizer.state[p].items()}
+                      for p in policy.adapter_parameters(adapters["defender"])]
+    before = _defender_logits(policy, prompt)
+    metrics = policy_update(policy, optimizer, samples_for(["attacker"]), settings, gen, group_roles)
+    assert metrics["optimizer_steps"] == 1
+    after = _defender_logits(policy, prompt)
+    moved = [not torch.equal(a, p) for a, p in zip(attacker_params, policy.adapter_parameters(adapters["attacker"]),
+                                                   strict=True)]
+    assert any(moved)
+    same = [torch.equal(d, p) for d, p in zip(defender_params, policy.adapter_parameters(adapters["defender"]),
+                                              strict=True)]
+    if mode == "bipolicy":
+        assert all(same)
+        assert torch.equal(before, after)
+        for state, p in zip(defender_state, policy.adapter_parameters("defender"), strict=True):
+            assert all(torch.equal(v, optimizer.state[p][k]) for k, v in state.items())
+    else:
+        assert not all(same)
+        assert not torch.equal(before, after)
+
+
+def test_nonfinite_step_is_skipped_and_reported(small_vocab_model):
+    policy = load_policy(small_vocab_model, quantize=None, adapters=("attacker", "defender"), rank=4, alpha=8)
+    optimizer = _optimizer(policy, ("attacker", "defender"), 1e-2)
+    gen = torch.Generator().manual_seed(0)
+    samples = [Sample("attacker", "attacker", [3, 4, 5], [6, 7], float("nan"), group=0),
+               Sample("defender", "defender", [3, 4, 5], [8, 9], 1.0, group=1)]
+    params = [p.detach().clone() for p in policy.adapter_parameters("attacker") + policy.adapter_parameters("defender")]
+    warnings = []
+    metrics = policy_update(policy, optimizer, samples, UpdateSettings(), gen,
+                            {"attacker": ("attacker",), "defender": ("defender",)}, warn=warnings.append)
+    assert metrics["nonfinite_skipped"] == 1 and metrics["optimizer_steps"] == 0
+    assert warnings and "skipped" in warnings[0]
+    after = policy.adapter_parameters("attacker") + policy.adapter_parameters("defender")
+    assert all(torch.equal(a, b) for a, b in zip(params, after, strict=True))
+    assert all(p.grad is None for p in after)
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+def test_config_errors_name_the_key_and_the_choices(tmp_path):
+    config = preset_config("tiny")
+    with pytest.raises(KeyError, match=r"unknown key 'stepz'; valid keys: .*steps"):
+        apply_overrides(config, ["stepz=3"])
+    with pytest.raises(ValueError, match=r"steps must be an integer, got '3\.5'"):
+        apply_overrides(config, ["steps=3.5"])
+    with pytest.raises(ValueError, match="mode must be one of bipolicy, shared, defender-only, attacker-only"):
+        apply_overrides(config, ["mode=solo"])
+    with pytest.raises(ValueError, match="gradient_checkpointing must be true or false"):
+        apply_overrides(config, ["gradient_checkpointing=maybe"])
+    with pytest.raises(ValueError, match="expected key=value"):
+        apply_overrides(config, ["steps"])
+    with pytest.raises(KeyError, match=r"unknown preset 'huge'; choose one of tiny, qwen2\.5-3b"):
+        preset_config("huge")
+    changed = apply_overrides(config, ["steps=7", "lr_defender=1e-4", "seeds=builtin,harmful=x.jsonl",
+                                       "reasoning=false"])
+    assert (changed.steps, changed.lr_defender, changed.seeds, changed.reasoning) == \
+        (7, 1e-4, ["builtin", "harmful=x.jsonl"], False)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{\n  "steps": 3,\n  "mode": \n}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad\.json:4: not valid JSON"):
+        config_from_file(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"preset": "tiny", "steps": "many"}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"wrong\.json: steps must be an integer"):
+        config_from_file(wrong)
+    toml = tmp_path / "run.toml"
+    toml.write_text('preset = "tiny"\nsteps = 5\nmode = "shared"\nseeds = ["builtin"]\n', encoding="utf-8")
+    loaded = config_from_file(toml)
+    assert (loaded.steps, loaded.mode, loaded.rollout_batch_size) == (5, "shared", 8)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        apply_overrides(config, ["algorithm=grpo"]).validate()
+    with pytest.raises(ValueError, match="--model LOCAL_DIR"):
+        preset_config("qwen2.5-7b").validate()
+
+
+# --- the loop: checkpoints and resume --------------------------------------------------------------
+
+SMALL = ["rollout_batch_size=4", "attacker_max_new_tokens=6", "defender_max_new_tokens=6", "progress=false",
+         "tensorboard=false", "train_batch_size=4"]
+
+
+def _config(output, *extra):
+    return apply_overrides(preset_config("tiny"), [f"output={output}", *SMALL, *extra])
+
+
+def _comparable(record):
+    return {k: v for k, v in record.items() if not k.startswith(TIMING_PREFIXES)}
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        x, y = a[key], b[key]
+        assert x == y or (isinstance(x, float) and math.isnan(x) and math.isnan(y)), (key, x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["bipolicy", "shared"])
+def test_resume_gives_the_same_next_step(tmp_path, mode):
+    straight = Trainer(_config(tmp_path / "a", "steps=3", "checkpoint_every=2", f"mode={mode}")).train()
+    Trainer(_config(tmp_path / "b", "steps=2", "checkpoint_every=2", f"mode={mode}")).train()
+    resumed = Trainer(_config(tmp_path / "b", "steps=3", "checkpoint_every=2", f"mode={mode}"), resume=True)
+    assert resumed.step == 2
+    after = resumed.train()
+    assert len(after) == 1 and after[0]["step"] == 3
+    _same(_comparable(straight[2]), _comparable(after[0]))
+    assert "reward/defender" in after[0] and "kl/defender" in after[0]
+    for name in resumed.policy.adapter_names:
+        a = (tmp_path / "a" / name / "adapter_model.safetensors").read_bytes()
+        b = (tmp_path / "b" / name / "adapter_model.safetensors").read_bytes()
+        assert a == b
+    steps = [r["step"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert steps == [1, 2, 3]
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(_config(tmp_path / "b", "steps=4", f"mode={mode}"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume(tmp_path):
+    """Kill -9 a training process right after its second checkpoint (every step checkpoints, so the
+    kill lands in step 3 or its checkpoint write). The resumed run ends where an uninterrupted one does."""
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "abs_fast.cli", "train", "--preset", "tiny", "--output", str(run), "--set",
+           *SMALL, "steps=5", "checkpoint_every=1"]
+    env = {**os.environ, "ABS_FAST_BACKEND": "reference"}
+    process = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            checkpoint = latest_checkpoint(run) if (run / "checkpoints" / "latest").exists() else None
+            if checkpoint is not None and checkpoint.name >= "step_000002":
+                break
+            assert process.poll() is None, process.stderr.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no second checkpoint within 300 s")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    checkpoint = latest_checkpoint(run)
+    assert checkpoint.name in ("step_000002", "step_000003")
+    resumed = subprocess.run([sys.executable, "-m", "abs_fast.cli", "train", "--resume", "--output", str(run)],
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+    straight = Trainer(_config(tmp_path / "straight", "steps=5", "checkpoint_every=1")).train()
+    killed = read_metrics(run / "metrics.jsonl")
+    _same(_comparable(straight[-1]), _comparable(killed[-1]))
+    for name in ("attacker", "defender"):
+        assert (run / name / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "straight" / name / "adapter_model.safetensors").read_bytes()
+
+
+def test_torn_metrics_line_is_ignored(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew', encoding="utf-8")
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    path.write_text('{"step": 1}\n{"step": \n{"step": 3}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2"):
+        read_metrics(path)
+
+
+# --- the demo ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_demo_writes_everything_and_its_adapters_load_into_peft(tmp_path, capsys):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from abs_fast.cli import main
+
+    output = tmp_path / "demo"
+    assert main(["demo", "--output", str(output), "--steps", "2", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "attacker reward" in printed and "defender reward" in printed
+    records = read_metrics(output / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for key in ("reward/attacker", "reward/defender", "attack_success", "refusal_rate/harmful_prompt",
+                "format_violation/defender", "kl/attacker", "entropy/defender", "tokens_per_second/rollout",
+                "seconds/judge", "peak_memory_gb", "outcome/correct_refusal", "ties", "judge_parse_errors"):
+        assert key in records[-1], key
+    assert (output / "rewards.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((output / "tensorboard").glob("events.out.tfevents.*"))
+    assert latest_checkpoint(output).name == "step_000002"
+    model = build_model("tiny", seed=0)
+    peft_model = PeftModel.from_pretrained(model, output / "attacker", adapter_name="attacker")
+    peft_model.load_adapter(output / "defender", adapter_name="defender")
+    for name in ("attacker", "defender"):
+        saved = load_file(output / name / "adapter_model.safetensors")
+        key = next(k for k in saved if "lora_B" in k)
+        assert saved[key].abs().sum() > 0  # trained: B started at zero
+        module_path = key.replace("base_model.model.", "").replace(".lora_B.weight", "")
+        loaded = peft_model.base_model.model.get_submodule(module_path).lora_B[name].weight
+        assert torch.equal(loaded, saved[key])
+    # a second demo into the same directory replaces the first
+    assert main(["demo", "--output", str(output), "--steps", "1", "--quiet"]) == 0
+    assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1]
