@@ -13,7 +13,7 @@ from abs_fast.io import atomic_write_text
 __all__ = ["TIMING_PREFIXES", "MetricsLog", "plot_metrics", "read_metrics", "summary_table"]
 
 # Keys that measure the machine rather than the run: they differ between identical runs.
-TIMING_PREFIXES = ("seconds/", "tokens_per_second/", "peak_memory", "time")
+TIMING_PREFIXES = ("seconds/", "tokens_per_second/", "games_per_second/", "peak_memory")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
