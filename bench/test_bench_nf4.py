@@ -37,6 +37,24 @@ def _bnb_linear4bit(weight: torch.Tensor):
     return layer.to(DEVICE)  # quantises on the move, on CPU as on a GPU
 
 
+def hf_bnb_nf4_model(preset: str):
+    """A Hugging Face model of `preset` (random weights, bf16) with every decoder projection turned into
+    bitsandbytes Linear4bit, one at a time (q/k/v biases dropped: negligible cost). The straightforward
+    baseline of the rollout and self-play benchmarks."""
+    from abs_fast.model import build_model
+
+    model = build_model(preset, device=DEVICE, dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, _bnb_linear4bit(child.weight.data))
+                    del child
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return model
+
+
 def _run(benchmark, fn, rounds):
     def step():
         fn()

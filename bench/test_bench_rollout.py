@@ -144,17 +144,9 @@ def test_gpu_rollout_7b_decode(benchmark, variant):
         fn = lambda: engine.generate(requests)
     else:
         peft = pytest.importorskip("peft")
-        from test_bench_nf4 import _bnb_linear4bit
+        from test_bench_nf4 import hf_bnb_nf4_model
 
-        model = build_model("qwen2.5-7b", device=DEVICE, dtype=torch.bfloat16)
-        # every projection to bitsandbytes NF4, one at a time (q/k/v biases dropped: negligible cost)
-        for layer in model.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear):
-                        setattr(parent, name, _bnb_linear4bit(child.weight.data))
-                        del child
-        torch.cuda.empty_cache()
+        model = hf_bnb_nf4_model("qwen2.5-7b")
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         config = lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets)
         model = peft.get_peft_model(model, config(), adapter_name="attacker")

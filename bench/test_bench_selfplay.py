@@ -206,25 +206,18 @@ def test_gpu_selfplay_step_7b(benchmark, variant, tmp_path):
         policy.gradient_checkpointing(True)
         step = _abs_fast_step(policy, tokenizer, work, token_budget=16384)
     else:
-        from test_bench_nf4 import _bnb_linear4bit
+        from test_bench_nf4 import hf_bnb_nf4_model
 
-        adapters_dir = tmp_path
-        policy.save_adapters(adapters_dir)
+        policy.save_adapters(tmp_path)
         del policy
         torch.cuda.empty_cache()
-        base = build_model("qwen2.5-7b", device=DEVICE, dtype=torch.bfloat16)
-        for layer in base.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, child in list(parent.named_children()):
-                    if isinstance(child, torch.nn.Linear):
-                        setattr(parent, name, _bnb_linear4bit(child.weight.data))
-        torch.cuda.empty_cache()
+        base = hf_bnb_nf4_model("qwen2.5-7b")
         base.gradient_checkpointing_enable()
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(base, str(adapters_dir / "attacker"), adapter_name="attacker",
+        model = PeftModel.from_pretrained(base, str(tmp_path / "attacker"), adapter_name="attacker",
                                           is_trainable=True)
-        model.load_adapter(str(adapters_dir / "defender"), adapter_name="defender", is_trainable=True)
+        model.load_adapter(str(tmp_path / "defender"), adapter_name="defender", is_trainable=True)
         step = _hf_peft_step(model, tokenizer, work, DEVICE)
     torch.cuda.reset_peak_memory_stats()
     _measure(benchmark, step, rounds=2)
