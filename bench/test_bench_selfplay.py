@@ -167,12 +167,13 @@ def _measure(benchmark, step, rounds):
     benchmark.extra_info["phases"] = {name: phases.get(name, 0.0) / rounds for name in PHASES}
 
 
-def _peft_model(base, policy, tmp_path):
+def _peft_model(base, adapters_dir):
+    """PEFT over `base` with the attacker and defender adapters saved in adapters_dir, both trainable."""
     from peft import PeftModel
 
-    policy.save_adapters(tmp_path)
-    model = PeftModel.from_pretrained(base, str(tmp_path / "attacker"), adapter_name="attacker", is_trainable=True)
-    model.load_adapter(str(tmp_path / "defender"), adapter_name="defender", is_trainable=True)
+    model = PeftModel.from_pretrained(base, str(adapters_dir / "attacker"), adapter_name="attacker",
+                                      is_trainable=True)
+    model.load_adapter(str(adapters_dir / "defender"), adapter_name="defender", is_trainable=True)
     return model
 
 
@@ -188,8 +189,9 @@ def test_cpu_selfplay_step(benchmark, variant, tmp_path):
     if variant == "abs_fast":
         step = _abs_fast_step(policy, tokenizer, work, token_budget=4096)
     else:
+        policy.save_adapters(tmp_path)
         base = build_model("tiny", seed=0, device="cpu", dtype=torch.float32)
-        step = _hf_peft_step(_peft_model(base, policy, tmp_path), tokenizer, work, "cpu")
+        step = _hf_peft_step(_peft_model(base, tmp_path), tokenizer, work, "cpu")
     _measure(benchmark, step, rounds=3)
 
 
@@ -213,12 +215,7 @@ def test_gpu_selfplay_step_7b(benchmark, variant, tmp_path):
         torch.cuda.empty_cache()
         base = hf_bnb_nf4_model("qwen2.5-7b")
         base.gradient_checkpointing_enable()
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, str(tmp_path / "attacker"), adapter_name="attacker",
-                                          is_trainable=True)
-        model.load_adapter(str(tmp_path / "defender"), adapter_name="defender", is_trainable=True)
-        step = _hf_peft_step(model, tokenizer, work, DEVICE)
+        step = _hf_peft_step(_peft_model(base, tmp_path), tokenizer, work, DEVICE)
     torch.cuda.reset_peak_memory_stats()
     _measure(benchmark, step, rounds=2)
     benchmark.extra_info["peak_bytes"] = torch.cuda.max_memory_allocated()
