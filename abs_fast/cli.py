@@ -51,7 +51,12 @@ def _train(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"abs-fast train: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    if not trainer.collective.is_main:  # data parallel: rank 0 reports
+        return 0
     records = read_metrics(trainer.run_dir / "metrics.jsonl")
     plot = plot_metrics(records, trainer.run_dir / "rewards.png") if records else None
     print(summary_table(records))

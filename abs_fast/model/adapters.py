@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from abs_fast.io import atomic_write_text, replace_directory
 from abs_fast.model.lora import MultiLoRALinear
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "read_adapter_config", "save_peft_adapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_adapter_state", "read_adapter_config",
+           "save_peft_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -29,15 +30,19 @@ _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-def save_peft_adapter(layers: dict[str, MultiLoRALinear], name: str, directory: str | Path,
-                      base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter `name` of `layers` (module path -> layer) to `directory` atomically."""
+def peft_adapter_state(layers: dict[str, MultiLoRALinear], name: str, base_model_name_or_path: str | None = None,
+                       to_cpu: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter_config.json contents, PEFT-named tensors) of adapter `name` of `layers`.
+    to_cpu=False keeps the tensors on the layers' device (detached views, not copies)."""
     tensors, ranks, alphas = {}, {}, {}
     for path, layer in layers.items():
         if name not in layer.lora_A:
             continue
-        tensors[f"{_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().to("cpu").contiguous()
-        tensors[f"{_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().to("cpu").contiguous()
+        a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
+        if to_cpu:
+            a, b = a.to("cpu"), b.to("cpu")
+        tensors[f"{_PREFIX}{path}.lora_A.weight"] = a.contiguous()
+        tensors[f"{_PREFIX}{path}.lora_B.weight"] = b.contiguous()
         ranks[path], alphas[path] = layer.ranks[name], layer.alphas[name]
     if not tensors:
         raise KeyError(f"no layer holds an adapter named {name!r}")
@@ -64,6 +69,13 @@ def save_peft_adapter(layers: dict[str, MultiLoRALinear], name: str, directory: 
         "inference_mode": True,
         "revision": None,
     }
+    return config, tensors
+
+
+def save_peft_adapter(layers: dict[str, MultiLoRALinear], name: str, directory: str | Path,
+                      base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter `name` of `layers` (module path -> layer) to `directory` atomically."""
+    config, tensors = peft_adapter_state(layers, name, base_model_name_or_path)
     with replace_directory(directory) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")

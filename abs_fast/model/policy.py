@@ -20,7 +20,7 @@ from abs_fast.model.lora import MultiLoRALinear
 from abs_fast.model.tiny import PRESETS, qwen2_config
 from abs_fast.model.transformer import TARGET_MODULES, ArchConfig, Transformer
 
-__all__ = ["Policy", "load_policy"]
+__all__ = ["Policy", "load_policy", "resolve_target_modules"]
 
 QUANTIZE_CHOICES = ("nf4", None)
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)
@@ -136,7 +136,8 @@ def _read_hf_config(path_or_preset: str | Path):
     return config, path, str(path)
 
 
-def _resolve_target_modules(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+def resolve_target_modules(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+    """The module names a target_modules setting names ("all-linear" = every projection)."""
     if target_modules == "all-linear":
         return TARGET_MODULES
     names = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
@@ -315,7 +316,7 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
-    targets = _resolve_target_modules(target_modules)
+    targets = resolve_target_modules(target_modules)
     hf_config, directory, source_name = _read_hf_config(path_or_preset)
     where = f"{directory / 'config.json'}" if directory is not None else f"preset {source_name!r}"
     arch = ArchConfig.from_hf(hf_config, where)

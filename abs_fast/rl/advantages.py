@@ -7,6 +7,8 @@ one scalar per sample from its group (same seed, same role), spread over the sam
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from abs_fast.rl.kl import kl_k1
@@ -31,25 +33,41 @@ def kl_penalized_returns(rewards: torch.Tensor, logp_old: torch.Tensor, logp_ref
     return returns * mask
 
 
-def normalize_per_role(values: torch.Tensor, mask: torch.Tensor, roles: torch.Tensor, eps: float = 1e-8
-                       ) -> torch.Tensor:
-    """(values - mean) / std over the valid tokens of each role (roles [N] ints) separately."""
-    out = torch.zeros_like(values)
+def normalize_per_role(values: torch.Tensor, mask: torch.Tensor, roles: torch.Tensor, eps: float = 1e-8,
+                       num_roles: int | None = None,
+                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(values - mean) / std over the valid tokens of each role (roles [N] ints) separately.
+
+    The statistics are float64 sums (count, sum, sum of squares) per role; `reduce` (e.g. an
+    all-reduce over data-parallel ranks) turns local sums into the whole batch's, in which case
+    num_roles must be the same on every rank."""
     valid = mask.bool()
-    for role in roles.unique().tolist():
-        selected = valid & (roles == role)[:, None]
-        picked = values[selected]
-        if picked.numel() == 0:
+    if num_roles is None:
+        num_roles = int(roles.max()) + 1 if roles.numel() else 0
+    stats = torch.zeros(num_roles, 3, dtype=torch.float64, device=values.device)
+    for role in range(num_roles):
+        picked = values[valid & (roles == role)[:, None]].double()
+        stats[role] = torch.stack([picked.new_tensor(float(picked.numel())), picked.sum(), (picked * picked).sum()])
+    if reduce is not None:
+        stats = reduce(stats)
+    out = torch.zeros_like(values)
+    for role in range(num_roles):
+        count, total, squares = stats[role]
+        if count == 0:
             continue
-        std = picked.std(unbiased=False) if picked.numel() > 1 else picked.new_tensor(0.0)
-        out[selected] = (picked - picked.mean()) / (std + eps)
+        mean = total / count
+        std = (squares / count - mean * mean).clamp(min=0).sqrt()
+        selected = valid & (roles == role)[:, None]
+        out[selected] = ((values[selected].double() - mean) / (std + eps)).to(values.dtype)
     return out
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Tensor,
-                            mask: torch.Tensor, roles: torch.Tensor, kl_beta: float = 0.01) -> torch.Tensor:
+                            mask: torch.Tensor, roles: torch.Tensor, kl_beta: float = 0.01,
+                            num_roles: int | None = None,
+                            reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     returns = kl_penalized_returns(rewards, logp_old, logp_ref, mask, kl_beta)
-    return normalize_per_role(returns, mask, roles)
+    return normalize_per_role(returns, mask, roles, num_roles=num_roles, reduce=reduce)
 
 
 def _group_stats(rewards: torch.Tensor, groups: torch.Tensor):

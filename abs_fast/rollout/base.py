@@ -69,6 +69,6 @@ class RolloutEngine(Protocol):
         """Results in request order."""
         ...
 
-    def update_adapters(self, policy) -> None:
-        """Make the engine sample from the policy's current adapter weights."""
+    def update_adapters(self, policy, names: list[str] | None = None) -> None:
+        """Make the engine sample from the policy's current weights of adapters `names` (default all)."""
         ...

@@ -69,7 +69,7 @@ class EmbeddedEngine:
         per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim
         return per_token * self.max_batch * self.max_seq_len * torch.finfo(self.policy.dtype).bits // 8
 
-    def update_adapters(self, policy) -> None:
+    def update_adapters(self, policy, names=None) -> None:
         """Nothing to copy: the engine reads the policy's parameters directly."""
         if policy is not self.policy:
             raise ValueError("this EmbeddedEngine serves the policy it was built with; build a new engine for "

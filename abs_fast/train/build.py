@@ -31,14 +31,22 @@ def load_tokenizer_for(config: TrainConfig):
     return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
 
 
-def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Callable[[str], None] | None = None):
-    """The base model of `config` (seeded random weights for presets) with fresh adapters `adapters`."""
+def _device(config: TrainConfig, device: str | None) -> str | None:
+    if device is not None:
+        return device
+    return None if config.device == "auto" else config.device
+
+
+def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Callable[[str], None] | None = None,
+                    device: str | None = None):
+    """The base model of `config` (seeded random weights for presets) with fresh adapters `adapters`.
+    device: overrides config.device (a data-parallel rank's own GPU)."""
     from abs_fast.model import PRESETS, load_policy
 
     if config.model in PRESETS and config.model != "tiny" and log is not None:
         log(f"model={config.model} is a preset with RANDOM weights (for benchmarks); pass --model DIR to use a real "
             "checkpoint")
-    device = None if config.device == "auto" else config.device
+    device = _device(config, device)
     targets = config.target_modules if config.target_modules == "all-linear" else \
         [t.strip() for t in config.target_modules.split(",")]
     return load_policy(config.model, quantize=None if config.quantize == "none" else config.quantize,
@@ -46,11 +54,10 @@ def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Call
                        target_modules=targets, device=device, dtype=_DTYPES.get(config.dtype), seed=config.seed)
 
 
-def load_judge(config: TrainConfig) -> Judge:
+def load_judge(config: TrainConfig, device: str | None = None) -> Judge:
     if config.judge == "heuristic":
         return HeuristicJudge()
-    device = None if config.device == "auto" else config.device
-    return WildGuardJudge.from_pretrained(config.judge_model, device=device)
+    return WildGuardJudge.from_pretrained(config.judge_model, device=_device(config, device))
 
 
 def stop_token_ids(tokenizer, policy) -> tuple[int, ...]:

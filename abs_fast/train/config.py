@@ -49,6 +49,13 @@ class TrainConfig:
     defender_max_new_tokens: int = 512
     max_prompt_tokens: int = 1024
     engine_max_batch: int = 64
+    rollout_engine: Literal["embedded", "sglang"] = "embedded"  # sglang: rollouts on an SGLang server
+    sglang_url: str = ""  # attach to this server or sglang-router (empty: launch one per process on 127.0.0.1)
+    sglang_worker_urls: list[str] = field(default_factory=list)  # servers behind sglang_url's router
+    sglang_args: str = ""  # more sglang.launch_server options, e.g. "--mem-fraction-static 0.45"
+    sglang_startup_timeout: float = 900.0
+    sglang_request_timeout: float = 900.0  # one wave; a server silent for longer counts as hung
+    adapter_sync: Literal["auto", "files", "tensors"] = "auto"  # how adapters reach SGLang after each step
     # RL
     algorithm: Literal["reinforce++", "grpo", "rloo"] = "reinforce++"
     kl_beta: float = 0.01  # REINFORCE++/RLOO: k1 penalty in the reward; GRPO: k3 loss coefficient
@@ -100,6 +107,14 @@ class TrainConfig:
         if self.frozen_defender and self.mode != "attacker-only":
             raise ValueError(f"frozen_defender is for mode=attacker-only (a fresh attacker against a fixed "
                              f"defender), this run's mode is {self.mode!r}")
+        if self.rollout_engine == "sglang" and not self.sglang_url and not Path(self.model).is_dir():
+            raise ValueError(f"rollout_engine=sglang launches an SGLang server on model={self.model!r}, which is not a "
+                             "local checkpoint directory; pass --model DIR, or sglang_url=URL of a running server")
+        if self.sglang_worker_urls and not self.sglang_url:
+            raise ValueError("sglang_worker_urls lists the servers behind a router: set sglang_url to the router too")
+        for name in ("sglang_startup_timeout", "sglang_request_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not self.seeds:
             raise ValueError("seeds is empty: give 'builtin', PATH, harmful=PATH or benign=PATH")
         return self

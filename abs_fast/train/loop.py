@@ -9,11 +9,14 @@ defender-only and attacker-only (the other role is the frozen base).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
+import shlex
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +39,7 @@ from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
 from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, stop_token_ids
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from abs_fast.train.config import TrainConfig
+from abs_fast.train.distributed import init_distributed
 from abs_fast.train.metrics import MetricsLog
 from abs_fast.train.update import ROLES, Sample, UpdateSettings, policy_update
 
@@ -89,6 +93,15 @@ class _Game:
     defender_violated: bool | None = None
     dropped: str = ""  # why the game left the step before judging
     label: object = None  # the judge's JudgeLabels
+    outcomes: tuple[str, ...] = ()
+    attacker_reward: float | None = None
+    defender_reward: float | None = None
+
+    def summary(self) -> _Game:
+        """The fields the step metrics read (what data-parallel ranks send to rank 0)."""
+        return dataclasses.replace(self, attacker_prompt=None, attacker_response=None, defender_prompt=None,
+                                   defender_response=None, attacker_text="", defender_text="", defender_answer="",
+                                   defender_query="")
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -103,43 +116,98 @@ class Trainer:
 
     judge / policy / tokenizer may be passed in (tests); otherwise they come from the config.
     resume=True continues from the newest checkpoint in config.output.
+
+    Under torchrun (WORLD_SIZE > 1) each process is one data-parallel rank: it plays its share of
+    every step's games on its own GPU, adapter gradients are summed over ranks (train/distributed.py),
+    and rank 0 alone writes metrics, checkpoints and the final adapters.
     """
 
     def __init__(self, config: TrainConfig, judge: Judge | None = None, policy=None, tokenizer=None,
                  resume: bool = False, log: Callable[[str], None] | None = None):
         self.config = config.validate()
         self.run_dir = Path(config.output)
-        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.collective, device = init_distributed(config.device)
+        self.rank_device = None if device == "auto" else device
+        rank = self.collective.rank
+        if self.collective.is_main:
+            self.log = log or (lambda message: print(message, file=sys.stderr))
+        else:
+            self.log = lambda message: print(f"[rank {rank}] {message}", file=sys.stderr)
         self.adapters = role_adapters(config.mode)
         self.trained_roles = tuple(role for role in ROLES if self.adapters[role] is not None)
         self.trained_adapters = tuple(dict.fromkeys(self.adapters[role] for role in self.trained_roles))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(config)
-        self.policy = policy if policy is not None else load_policy_for(config, self.trained_adapters, log=self.log)
+        self.engine = None
+        if config.rollout_engine == "sglang":  # first: the server sizes its memory pool from what is free at start
+            self.engine = self._sglang_engine()
+        self.policy = policy if policy is not None else load_policy_for(
+            config, self.trained_adapters, log=self.log if self.collective.is_main else None, device=self.rank_device)
         if config.frozen_defender:  # exploitability: the defender plays a fixed adapter and is not trained
             self.policy.load_adapter(config.frozen_defender, "defender")
             self.adapters["defender"] = "defender"
+        self.collective.broadcast_parameters([p for name in self.policy.adapter_names
+                                              for p in self.policy.adapter_parameters(name)])
         self.policy.gradient_checkpointing(config.gradient_checkpointing)
-        max_seq_len = config.max_prompt_tokens + config.attacker_max_new_tokens + config.defender_max_new_tokens
-        self.engine = EmbeddedEngine(self.policy, self.tokenizer, max_batch=config.engine_max_batch,
-                                     max_seq_len=max_seq_len, seed=config.seed)
-        self.judge = judge if judge is not None else load_judge(config)
+        if self.engine is None:
+            max_seq_len = config.max_prompt_tokens + config.attacker_max_new_tokens + config.defender_max_new_tokens
+            self.engine = EmbeddedEngine(self.policy, self.tokenizer, max_batch=config.engine_max_batch,
+                                         max_seq_len=max_seq_len, seed=config.seed + rank)
+        self.judge = judge if judge is not None else load_judge(config, device=self.rank_device)
         seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]
         self.stream = SeedStream(seeds, config.seed)
-        self.rng = torch.Generator().manual_seed(config.seed)
+        self.rng = torch.Generator().manual_seed(config.seed)  # the games of a step: the same on every rank
+        self.update_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + 101 + rank)  # this rank's batches
         self.optimizer, self.group_roles = self._build_optimizer()
         self.stop_ids = stop_token_ids(self.tokenizer, self.policy)
         self.step = 0
         resume_step = None
         if resume:
             resume_step = self._resume()
+            self.rng.set_state(self.collective.broadcast(self.rng.get_state()))  # one game stream for all ranks
         elif latest_checkpoint(self.run_dir) is not None:
             raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; pass --resume to continue "
                                   "it, or choose another output directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
-        self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, resume_step=resume_step)
+        self.metrics = None
+        if self.collective.is_main:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
+            self.metrics = MetricsLog(self.run_dir, tensorboard=config.tensorboard, resume_step=resume_step)
+        # the engine samples from the starting (or resumed) adapters, the frozen defender included
+        self._push_adapters(tuple(dict.fromkeys(a for a in self.adapters.values() if a is not None)))
 
     # --- construction ----------------------------------------------------------------------
+
+    def _sglang_engine(self):
+        from abs_fast.model import resolve_target_modules
+        from abs_fast.rollout.sglang import ServerSettings, SGLangEngine
+
+        config, collective = self.config, self.collective
+        common = dict(tokenizer=self.tokenizer, request_timeout=config.sglang_request_timeout,
+                      adapter_sync=config.adapter_sync, log=self.log)
+        if config.sglang_url:  # one fleet for every rank: rank 0 pushes the adapters, the others use its names
+            tag = collective.broadcast(uuid.uuid4().hex[:8])
+            return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
+                                push_adapters=collective.is_main, name_tag=tag, **common)
+        targets = "all-linear" if config.target_modules == "all-linear" else \
+            [t.strip() for t in config.target_modules.split(",")]
+        adapters = tuple(dict.fromkeys([*self.trained_adapters, *(["defender"] if config.frozen_defender else [])]))
+        gpu = collective.local_rank if collective.enabled and (self.rank_device or "").startswith("cuda") else None
+        settings = ServerSettings(model_path=config.model, tokenizer_path=config.tokenizer or None,
+                                  max_lora_rank=config.lora_rank, lora_target_modules=resolve_target_modules(targets),
+                                  adapters=adapters, dtype=config.dtype, seed=config.seed + collective.rank,
+                                  extra_args=tuple(shlex.split(config.sglang_args)), gpu=gpu,
+                                  startup_timeout=config.sglang_startup_timeout,
+                                  log_path=str(self.run_dir / f"sglang-server-rank{collective.rank}.log"))
+        self.log(f"starting the SGLang server (log: {settings.log_path})")
+        return SGLangEngine(settings=settings, **common)
+
+    def _push_adapters(self, names: tuple[str, ...]) -> float:
+        """Make the engine sample from the policy's current `names`; returns the seconds it took."""
+        start = time.perf_counter()
+        self.engine.update_adapters(self.policy, names=names)
+        if self.config.rollout_engine == "sglang" and self.config.sglang_url:
+            self.collective.barrier()  # rank 0 has pushed the versions every rank now names
+        return time.perf_counter() - start
 
     def _build_optimizer(self):
         config = self.config
@@ -157,15 +225,25 @@ class Trainer:
 
     def _rng_states(self) -> dict[str, torch.Tensor]:
         states = {"torch": torch.get_rng_state(), "trainer": self.rng.get_state(),
-                  "engine": self.engine.generator.get_state().cpu()}
+                  "update": self.update_rng.get_state()}
+        if isinstance(self.engine, EmbeddedEngine):
+            states["engine"] = self.engine.generator.get_state().cpu()
         if torch.cuda.is_available():
             for i, s in enumerate(torch.cuda.get_rng_state_all()):
                 states[f"cuda{i}"] = s
         return states
 
-    def save(self) -> Path:
-        state = {"data_position": self.stream.position, "mode": self.config.mode, "seed": self.config.seed}
-        return save_checkpoint(self.run_dir, self.step, self.policy, self.optimizer, self._rng_states(), state,
+    def save(self) -> Path | None:
+        """Write a checkpoint (rank 0; every rank must call it: it gathers the ranks' RNG states)."""
+        per_rank = self.collective.gather(self._rng_states())
+        if not self.collective.is_main:
+            return None
+        rng = dict(per_rank[0])
+        for rank, states in enumerate(per_rank[1:], 1):
+            rng.update({f"rank{rank}.{key}": value for key, value in states.items()})
+        state = {"data_position": self.stream.position, "mode": self.config.mode, "seed": self.config.seed,
+                 "world_size": self.collective.world_size}
+        return save_checkpoint(self.run_dir, self.step, self.policy, self.optimizer, rng, state,
                                keep=self.config.keep_checkpoints)
 
     def _resume(self) -> int:
@@ -178,12 +256,22 @@ class Trainer:
                              f"{self.config.mode!r}")
         self.step = int(state["step"])
         self.stream.position = int(state["data_position"])
-        torch.set_rng_state(rng["torch"])
-        self.rng.set_state(rng["trainer"])
-        self.engine.generator.set_state(rng["engine"].to(self.engine.generator.device))
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
-                                          if f"cuda{i}" in rng])
+        prefix = f"rank{self.collective.rank}." if self.collective.rank else ""
+        if prefix + "torch" not in rng:
+            self.log(f"{checkpoint} has no random state for rank {self.collective.rank} (saved by "
+                     f"{state.get('world_size', 1)} processes): this rank starts fresh random streams")
+        else:
+            rng = {key.removeprefix(prefix): value for key, value in rng.items() if key.startswith(prefix) or
+                   (not prefix and not key.startswith("rank"))}
+            torch.set_rng_state(rng["torch"])
+            self.rng.set_state(rng["trainer"])
+            if "update" in rng:
+                self.update_rng.set_state(rng["update"])
+            if isinstance(self.engine, EmbeddedEngine) and "engine" in rng:
+                self.engine.generator.set_state(rng["engine"].to(self.engine.generator.device))
+            if torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                              if f"cuda{i}" in rng])
         self.log(f"resumed from {checkpoint} (step {self.step})")
         return self.step
 
@@ -220,6 +308,8 @@ class Trainer:
         if self.policy.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.policy.device)
         games = self._games()
+        if self.collective.enabled:  # this rank's share: whole seeds (with all their samples), round robin
+            games = [g for g in games if g.group % self.collective.world_size == self.collective.rank]
         reasoning = config.reasoning
 
         # wave 1: attacker turns of generated games + defender turns of vanilla games, one batch
@@ -270,27 +360,22 @@ class Trainer:
         labels = self.judge.classify([g.defender_query for g in played], [g.defender_answer for g in played])
         judge_seconds = time.perf_counter() - start
         samples: list[Sample] = []
-        outcome_counts: Counter = Counter()
-        rewards: dict[str, list[float]] = {"attacker": [], "defender": []}
         for game, label in zip(played, labels, strict=True):
             score = score_game(label, game.seed.type, game.kind, game.attacker_violated, game.defender_violated,
                                variant=config.reward_variant, drop_ties=config.drop_ties)
-            outcome_counts.update(score.outcomes)
-            game.label = label
+            game.label, game.outcomes = label, tuple(score.outcomes)
+            game.attacker_reward, game.defender_reward = score.attacker_reward, score.defender_reward
             for role, reward, prompt, response in (
                 ("attacker", score.attacker_reward, game.attacker_prompt, game.attacker_response),
                 ("defender", score.defender_reward, game.defender_prompt, game.defender_response),
             ):
-                if reward is None:
-                    continue
-                rewards[role].append(reward)
-                if role in self.trained_roles:
+                if reward is not None and role in self.trained_roles:
                     samples.append(Sample(role, self.adapters[role], prompt, response, reward,
                                           group=2 * game.group + ROLES.index(role)))
 
-        # diagnostics on schedule, before the update: the turns were sampled from these adapters
+        # diagnostics on schedule, before the update: the turns were sampled from these adapters (rank 0's share)
         diagnostics = {}
-        if config.diagnostics_every and (self.step + 1) % config.diagnostics_every == 0:
+        if config.diagnostics_every and (self.step + 1) % config.diagnostics_every == 0 and self.collective.is_main:
             start = time.perf_counter()
             diagnostics = self._diagnostics(played)
             diagnostics["seconds/diagnostics"] = time.perf_counter() - start
@@ -301,34 +386,47 @@ class Trainer:
                                   reward_clip=config.reward_clip, train_batch_size=config.train_batch_size,
                                   token_budget=config.token_budget, grad_clip=config.grad_clip,
                                   temperature=config.temperature)
-        update = policy_update(self.policy, self.optimizer, samples, settings, self.rng, self.group_roles,
-                               warn=self.log)
-        start = time.perf_counter()
-        self.engine.update_adapters(self.policy)
-        sync_seconds = time.perf_counter() - start
+        update = policy_update(self.policy, self.optimizer, samples, settings, self.update_rng, self.group_roles,
+                               warn=self.log, collective=self.collective)
+        sync_seconds = self._push_adapters(self.trained_adapters)
         self.step += 1
 
+        # the step's metrics over every rank's games, on rank 0
+        local = {"tokens": generated_tokens, "rollout": rollout_seconds, "judge": judge_seconds, "played": len(played),
+                 "attacker": sum(s.role == "attacker" for s in samples),
+                 "defender": sum(s.role == "defender" for s in samples),
+                 "memory": _peak_memory_gb(self.policy.device)}
+        gathered = self.collective.gather(([g.summary() for g in games], local))
         record = {"step": self.step, "data_position": self.stream.position}
-        record.update(self._game_metrics(games, played, outcome_counts, rewards, labels))
-        record.update(diagnostics)
-        record["samples/attacker"] = sum(s.role == "attacker" for s in samples)
-        record["samples/defender"] = sum(s.role == "defender" for s in samples)
-        record.update(update)
-        for group in self.optimizer.param_groups:
-            record[f"lr/{group['name']}"] = group["lr"]
-        record["seconds/rollout"] = rollout_seconds
-        record["tokens_per_second/rollout"] = generated_tokens / max(rollout_seconds, 1e-9)
-        record["seconds/judge"] = judge_seconds
-        record["games_per_second/judge"] = len(played) / max(judge_seconds, 1e-9)
-        record["seconds/sync"] = sync_seconds
-        record["seconds/step"] = time.perf_counter() - step_start
-        record["peak_memory_gb"] = _peak_memory_gb(self.policy.device)
-        self.metrics.log(record)
+        if gathered is not None:
+            every_game = [g for rank_games, _ in gathered for g in rank_games]
+            ranks = [numbers for _, numbers in gathered]
+            total = lambda key: sum(numbers[key] for numbers in ranks)
+            slowest = lambda key: max(numbers[key] for numbers in ranks)
+            record.update(self._game_metrics(every_game))
+            record.update(diagnostics)
+            record["samples/attacker"], record["samples/defender"] = total("attacker"), total("defender")
+            record.update(update)
+            for group in self.optimizer.param_groups:
+                record[f"lr/{group['name']}"] = group["lr"]
+            record["seconds/rollout"] = slowest("rollout")
+            record["tokens_per_second/rollout"] = total("tokens") / max(slowest("rollout"), 1e-9)
+            record["seconds/judge"] = slowest("judge")
+            record["games_per_second/judge"] = total("played") / max(slowest("judge"), 1e-9)
+            record["seconds/sync"] = sync_seconds
+            record["seconds/step"] = time.perf_counter() - step_start
+            record["peak_memory_gb"] = slowest("memory")
+            if self.collective.enabled:
+                record["world_size"] = self.collective.world_size
+            self.metrics.log(record)
         if self.step % config.checkpoint_every == 0 or self.step == config.steps:
             self.save()
         return record
 
-    def _game_metrics(self, games, played, outcome_counts, rewards, labels) -> dict:
+    def _game_metrics(self, games: list[_Game]) -> dict:
+        played = [g for g in games if not g.dropped]
+        outcome_counts = Counter(outcome for g in played for outcome in g.outcomes)
+        rewards = {role: [r for g in played if (r := getattr(g, f"{role}_reward")) is not None] for role in ROLES}
         generated = [g for g in played if g.kind == "generated"]
         record: dict = {"games": len(games), "games/generated": len(generated),
                         "games/dropped_prompt_too_long": sum(g.dropped == "prompt_too_long" for g in games)}
@@ -383,7 +481,7 @@ class Trainer:
 
     def train(self, progress: bool | None = None) -> list[dict]:
         """Run steps until config.steps; returns this call's step records."""
-        progress = self.config.progress if progress is None else progress
+        progress = (self.config.progress if progress is None else progress) and self.collective.is_main
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -401,10 +499,22 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            self.metrics.close()
-        for name in self.trained_adapters:
-            self.policy.save_adapters(self.run_dir, names=[name])
+            if self.metrics is not None:
+                self.metrics.close()
+        if self.collective.is_main:
+            for name in self.trained_adapters:
+                self.policy.save_adapters(self.run_dir, names=[name])
         return records
+
+    def close(self) -> None:
+        """Stop an SGLang server this run started and leave the process group (data parallel)."""
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.collective.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _postfix(record: dict) -> dict:

@@ -29,6 +29,7 @@ from abs_fast.rl import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
+from abs_fast.train.distributed import SINGLE_PROCESS, Collective
 
 __all__ = ["ROLES", "Sample", "UpdateSettings", "micro_batches", "packed_logprobs", "policy_update"]
 
@@ -109,8 +110,8 @@ def packed_logprobs(policy, items: Sequence[tuple[Sequence[int], Sequence[int], 
     return list(out.split(lengths))
 
 
-def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
-    out = torch.zeros(len(rows), length, dtype=torch.float32, device=rows[0].device if rows else "cpu")
+def _pad(rows: list[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=torch.float32, device=device)
     for i, row in enumerate(rows):
         out[i, : len(row)] = row
     return out
@@ -118,17 +119,24 @@ def _pad(rows: list[torch.Tensor], length: int) -> torch.Tensor:
 
 def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], settings: UpdateSettings,
                   generator: torch.Generator, group_roles: dict[str, tuple[str, ...]],
-                  warn: Callable[[str], None] = print) -> dict[str, float]:
+                  warn: Callable[[str], None] = print, collective: Collective = SINGLE_PROCESS) -> dict[str, float]:
     """Train on `samples` (both roles mixed). group_roles: param group name -> the roles whose
-    samples train it. Returns metrics of the update."""
+    samples train it. Returns metrics of the update.
+
+    Data parallel (collective.world_size > 1): `samples` are this rank's share. Advantage
+    statistics, per-role token counts and the number of optimizer steps are the whole step's; each
+    rank's loss is its tokens' share of the whole step's per-role token mean, and adapter gradients
+    are summed over ranks before clipping, so every rank takes the step one process would take on
+    the union of the shares (with train batches of ceil(train_batch_size / world_size) per rank)."""
     metrics: dict[str, float] = {}
-    if not samples:
+    if not samples and not collective.enabled:
         return metrics
     device = policy.device
     temperature = settings.temperature if settings.temperature > 0 else 1.0
     role_index = {role: i for i, role in enumerate(ROLES)}
-    roles = torch.tensor([role_index[s.role] for s in samples], device=device)
+    roles = torch.tensor([role_index[s.role] for s in samples], device=device, dtype=torch.long)
     adapter_ids = [policy.adapter_id(s.adapter) for s in samples]
+    reduce = collective.sum if collective.enabled else None
 
     # 1. old-policy and reference log-probs in one no-grad pass (each sample twice: adapter, -1)
     start = time.perf_counter()
@@ -144,42 +152,55 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
                 if i < len(samples):
                     entropy[i] = ent
     N = len(samples)
-    L = max(len(s.response_ids) for s in samples)
-    logp_old, logp_ref = _pad(old_and_ref[:N], L), _pad(old_and_ref[N:], L)
-    mask = _pad([torch.ones(len(s.response_ids), device=device) for s in samples], L)
-    entropies = _pad(entropy, L)
+    L = max((len(s.response_ids) for s in samples), default=1)
+    logp_old, logp_ref = _pad(old_and_ref[:N], L, device), _pad(old_and_ref[N:], L, device)
+    mask = _pad([torch.ones(len(s.response_ids), device=device) for s in samples], L, device)
+    entropies = _pad(entropy, L, device)
     metrics["seconds/logprob"] = time.perf_counter() - start
-    metrics["tokens_per_second/logprob"] = 2 * sum(len(s) for s in samples) / max(metrics["seconds/logprob"], 1e-9)
+    token_total = float(collective.sum(torch.tensor([float(sum(len(s) for s in samples))], device=device)))
+    metrics["tokens_per_second/logprob"] = 2 * token_total / max(metrics["seconds/logprob"], 1e-9)
 
     # 2. advantages
     rewards = torch.tensor([s.reward for s in samples], device=device, dtype=torch.float32)
     rewards = rewards.clamp(-settings.reward_clip, settings.reward_clip)
-    groups = torch.tensor([s.group for s in samples], device=device)
+    groups = torch.tensor([s.group for s in samples], device=device, dtype=torch.long)
     if settings.algorithm == "reinforce++":
-        advantages = reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, roles, settings.kl_beta)
-    elif settings.algorithm == "grpo":
+        advantages = reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, roles, settings.kl_beta,
+                                             num_roles=len(ROLES), reduce=reduce)
+    elif settings.algorithm == "grpo":  # groups (one seed, one role) never span ranks: group stats are local
         advantages = grpo_advantages(rewards, groups)[:, None] * mask
     elif settings.algorithm == "rloo":
         kl_total = (kl_k1(logp_old, logp_ref) * mask).sum(1)
         advantages = rloo_advantages(rewards - settings.kl_beta * kl_total, groups)[:, None] * mask
     else:
         raise ValueError(f"unknown algorithm {settings.algorithm!r}; choose reinforce++, grpo or rloo")
-    for role, i in role_index.items():
+    role_stats = torch.zeros(len(ROLES), 4, dtype=torch.float64, device=device)  # kl, entropy, tokens, samples
+    kl_tokens = kl_k1(logp_old, logp_ref)
+    for i in role_index.values():
         chosen = (roles == i)[:, None] & mask.bool()
-        if chosen.any():
-            metrics[f"kl/{role}"] = float(kl_k1(logp_old, logp_ref)[chosen].mean())
-            metrics[f"entropy/{role}"] = float(entropies[chosen].mean())
-            metrics[f"response_tokens/{role}"] = float(mask[roles == i].sum(1).mean())
+        role_stats[i] = torch.stack([kl_tokens[chosen].double().sum(), entropies[chosen].double().sum(),
+                                     chosen.sum().double(), (roles == i).sum().double()])
+    role_stats = collective.sum(role_stats)
+    for role, i in role_index.items():
+        kl_sum, entropy_sum, tokens, count = role_stats[i].tolist()
+        if tokens:
+            metrics[f"kl/{role}"] = kl_sum / tokens
+            metrics[f"entropy/{role}"] = entropy_sum / tokens
+            metrics[f"response_tokens/{role}"] = tokens / count
 
     # 3. train batches -> packed micro-batches -> one optimizer step per train batch
     start = time.perf_counter()
     order = torch.randperm(N, generator=generator).tolist()
+    local_batch = -(-settings.train_batch_size // collective.world_size)
+    steps = int(collective.max(torch.tensor([-(-N // local_batch)], device=device)))
     groups_by_name = {g["name"]: g for g in optimizer.param_groups}
-    losses, clipped, tokens_seen, steps_taken, skipped = [], [], 0, 0, 0
+    losses, clipped, tokens_seen, steps_taken, skipped = [], 0.0, 0, 0, 0
     norms: dict[str, list[float]] = {name: [] for name in groups_by_name}
-    for b0 in range(0, N, settings.train_batch_size):
-        batch = order[b0:b0 + settings.train_batch_size]
-        role_tokens = {i: int(mask[[j for j in batch if int(roles[j]) == i]].sum()) for i in role_index.values()}
+    for step in range(steps):
+        batch = order[step * local_batch:(step + 1) * local_batch]
+        counts = torch.tensor([float(mask[[j for j in batch if int(roles[j]) == i]].sum())
+                               for i in role_index.values()], device=device)
+        role_tokens = dict(zip(role_index.values(), collective.sum(counts).long().tolist(), strict=True))
         finite = True
         batch_loss = 0.0
         for micro in micro_batches([len(samples[j]) for j in batch], settings.token_budget):
@@ -198,8 +219,9 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
                 break
             loss.backward()
             batch_loss += float(loss.detach())
-            clipped.append(was_clipped.float().sum().item())
+            clipped += was_clipped.float().sum().item()
             tokens_seen += int(valid.sum())
+        finite = int(collective.sum(torch.tensor([0.0 if finite else 1.0], device=device))) == 0
         if finite:
             trained = {ROLES[i] for i, n in role_tokens.items() if n}
             for name, group in groups_by_name.items():
@@ -207,6 +229,7 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
                     for p in group["params"]:
                         p.grad = None  # this adapter played no trained role here: leave it untouched
                     continue
+                collective.sum_gradients(group["params"])
                 params = [p for p in group["params"] if p.grad is not None]
                 max_norm = settings.grad_clip if settings.grad_clip > 0 else math.inf
                 norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
@@ -219,13 +242,14 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
             losses.append(batch_loss)
         else:
             skipped += 1
-            warn(f"non-finite loss or gradient in train batch {b0 // settings.train_batch_size}: optimizer step "
-                 "skipped (adapters unchanged)")
+            warn(f"non-finite loss or gradient in train batch {step}: optimizer step skipped (adapters unchanged)")
         optimizer.zero_grad(set_to_none=True)
     metrics["seconds/train"] = time.perf_counter() - start
-    metrics["tokens_per_second/train"] = sum(len(s) for s in samples) / max(metrics["seconds/train"], 1e-9)
-    metrics["loss"] = sum(losses) / len(losses) if losses else float("nan")
-    metrics["clip_fraction"] = sum(clipped) / max(tokens_seen, 1)
+    metrics["tokens_per_second/train"] = token_total / max(metrics["seconds/train"], 1e-9)
+    summed = collective.sum(torch.tensor([sum(losses), clipped, float(tokens_seen)], dtype=torch.float64,
+                                         device=device)).tolist()
+    metrics["loss"] = summed[0] / len(losses) if losses else float("nan")
+    metrics["clip_fraction"] = summed[1] / max(summed[2], 1)
     metrics["optimizer_steps"] = steps_taken
     metrics["nonfinite_skipped"] = skipped
     for name, values in norms.items():

@@ -1,0 +1,603 @@
+"""The SGLang rollout engine: the waves run on an SGLang server (continuous batching, radix cache,
+CUDA graphs, multi-LoRA kernels) while the trainer keeps its own fused kernels.
+
+- The server is a subprocess bound to 127.0.0.1 on a free port (or an existing server or
+  sglang-router URL is attached to). LoRA is on, with an explicit rank, an explicit list of target
+  modules, and room for every adapter, the base and one version swap per adapter.
+- One /generate call per wave: input_ids, one sampling dict per request with every value set (so
+  nothing comes from the model's generation_config), one lora_path per request (None = base),
+  output log-probs, and one request id per item, so results are mapped back by id.
+- After each optimizer step the adapters are pushed under new versioned names: PEFT files in a
+  RAM-backed directory and /load_lora_adapter, or SGLang's in-memory tensor route where the
+  installed SGLang has it. Requests switch to the new names; an old version is unloaded as soon as
+  no request in flight uses it.
+- A dead, unhealthy or hung server gives an SGLangServerError with the server's last log lines.
+  A server this engine launched is restarted once per failure and the wave is retried.
+
+Facts about SGLang's HTTP API (sglang 0.5.x): /generate takes `input_ids` (a list of lists),
+`sampling_params` (a list of dicts), `lora_path` (a list of loaded adapter names or None),
+`return_logprob`, `rid`; each output has `meta_info.id`, `meta_info.finish_reason` ({"type": "stop",
+"matched": id or string} or {"type": "length", ...} or {"type": "abort", "message": ...}) and
+`meta_info.output_token_logprobs` ([logprob, token_id, text] per generated token, the log-softmax of
+logits / temperature before top-k/top-p filtering: the RolloutResult convention).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from abs_fast.rollout.base import RolloutRequest, RolloutResult, SamplingParams
+
+__all__ = ["ADAPTER_SYNC_MODES", "SGLangEngine", "SGLangRequestError", "SGLangServerError", "ServerSettings",
+           "free_port", "server_command"]
+
+ADAPTER_SYNC_MODES = ("auto", "files", "tensors")
+_LOG_TAIL_LINES = 40
+
+
+class SGLangServerError(RuntimeError):
+    """The server died, stopped answering, or never became healthy."""
+
+
+class SGLangRequestError(RuntimeError):
+    """The server answered, and refused or aborted a request (the server itself is fine)."""
+
+
+class _ServerFailure(Exception):
+    """Internal: a transport-level failure that a restart may cure."""
+
+
+@dataclass
+class ServerSettings:
+    """How to launch an SGLang server for a policy.
+
+    lora_target_modules: projection names (q_proj, ...); never "all-linear", which SGLang's LoRA
+    loader does not accept as a target list. max_loras_per_batch: adapters that can be in one
+    batch; the default counts every adapter, the base, and one newer version of each adapter.
+    extra_args: more `sglang.launch_server` options (e.g. --mem-fraction-static 0.4); --host and
+    --port are this engine's to set."""
+
+    model_path: str
+    max_lora_rank: int
+    lora_target_modules: tuple[str, ...]
+    adapters: tuple[str, ...] = ("attacker", "defender")
+    max_loras_per_batch: int | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    extra_args: tuple[str, ...] = ()
+    gpu: int | None = None  # CUDA_VISIBLE_DEVICES for the server process
+    startup_timeout: float = 900.0
+    log_path: str | None = None  # default: a file in the engine's adapter directory
+    module: str = "sglang.launch_server"  # the Python module that serves (tests use a stand-in)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def loras_per_batch(self) -> int:
+        needed = 2 * len(self.adapters) + 1  # each adapter, its next version, and the base
+        return max(self.max_loras_per_batch or needed, 3)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(settings: ServerSettings, port: int) -> list[str]:
+    """The argv that launches an SGLang server for `settings` on 127.0.0.1:`port`."""
+    modules = tuple(settings.lora_target_modules)
+    if not modules or "all-linear" in modules or "all" in modules:
+        raise ValueError(f"lora_target_modules must list projection names (q_proj, k_proj, ...), got {modules!r}: "
+                         "SGLang's LoRA loader breaks on 'all-linear'")
+    if settings.max_lora_rank < 1:
+        raise ValueError(f"max_lora_rank must be >= 1, got {settings.max_lora_rank}")
+    if settings.max_loras_per_batch is not None and settings.max_loras_per_batch < 3:
+        raise ValueError(f"max_loras_per_batch must be >= 3 (attacker, defender and the base in one batch), got "
+                         f"{settings.max_loras_per_batch}")
+    for option in ("--host", "--port", "--enable-lora", "--lora-paths"):
+        if any(arg == option or arg.startswith(option + "=") for arg in settings.extra_args):
+            raise ValueError(f"extra server args must not set {option}: the engine sets it (the server binds to "
+                             "127.0.0.1; adapters are loaded after start)")
+    command = [sys.executable, "-m", settings.module, "--model-path", str(settings.model_path),
+               "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
+               "--max-lora-rank", str(settings.max_lora_rank), "--lora-target-modules", *modules,
+               "--max-loras-per-batch", str(settings.loras_per_batch()),
+               "--dtype", settings.dtype, "--random-seed", str(settings.seed)]
+    if settings.tokenizer_path:
+        command += ["--tokenizer-path", str(settings.tokenizer_path)]
+    return command + list(settings.extra_args)
+
+
+def _ram_directory() -> Path:
+    """A fresh private directory in RAM (/dev/shm) where there is one, else in the temp directory."""
+    shm = Path("/dev/shm")
+    root = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="abs-fast-adapters-", dir=root))
+
+
+def _tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
+    if path is None or not path.is_file():
+        return "(no server log)"
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64 * 1024))
+        text = f.read().decode("utf-8", errors="replace")
+    return "\n".join(text.splitlines()[-lines:]) or "(the server log is empty)"
+
+
+class _Server:
+    """One launched server process: start, health wait, stop, log tail."""
+
+    def __init__(self, settings: ServerSettings, log_path: Path):
+        self.settings, self.log_path = settings, log_path
+        self.process: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self) -> None:
+        port = free_port()
+        command = server_command(self.settings, port)
+        env = {**os.environ, **self.settings.env}
+        env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # it switches log-probs to pre-temperature values
+        if self.settings.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.settings.gpu)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n--- abs-fast: {' '.join(command)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=env, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                code = self.process.returncode if self.process is not None else None
+                raise SGLangServerError(f"the SGLang server exited with code {code} while starting. Last lines of "
+                                        f"{self.log_path}:\n{_tail(self.log_path)}")
+            with contextlib.suppress(_ServerFailure):
+                status, _ = _http(self.url + "/health", timeout=10)
+                if status == 200:
+                    return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise SGLangServerError(f"the SGLang server did not become healthy within {timeout:.0f} s "
+                                        f"(startup_timeout). Last lines of {self.log_path}:\n{_tail(self.log_path)}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _http(url: str, payload: dict | None = None, timeout: float = 60.0) -> tuple[int, object]:
+    """(status, parsed JSON or text) of a GET (payload None) or a JSON POST. Transport failures
+    (refused, reset, timed out) raise _ServerFailure; HTTP error statuses are returned."""
+    data = None if payload is None else json.dumps(payload).encode("utf-8")
+    request = urllib.request.Request(url, data=data, method="GET" if payload is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read()
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise _ServerFailure(f"{url}: {type(reason).__name__}: {reason}") from None
+    text = body.decode("utf-8", errors="replace")
+    try:
+        return status, json.loads(text) if text else None
+    except json.JSONDecodeError:
+        return status, text
+
+
+def _sampling_dict(params: SamplingParams, eos_token_ids: Sequence[int]) -> dict:
+    """Every SGLang sampling value, explicitly (so none comes from the model's generation_config)."""
+    stop_ids = list(params.stop_token_ids)
+    if not params.ignore_eos:
+        stop_ids += [i for i in eos_token_ids if i not in stop_ids]
+    return {
+        "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k if params.top_k > 0 else -1,
+        "min_p": 0.0, "max_new_tokens": params.max_new_tokens, "min_new_tokens": 0,
+        "stop": list(params.stop), "stop_token_ids": stop_ids, "ignore_eos": params.ignore_eos,
+        "repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+        "skip_special_tokens": False, "no_stop_trim": False, "n": 1,
+    }
+
+
+class TensorRoute:
+    """SGLang's in-memory adapter load (/load_lora_adapter_from_tensors), as the installed sglang
+    defines it: the request field and the serializer are read from sglang itself."""
+
+    def __init__(self, serialize: Callable[[dict], object], field_name: str, copies: int | None):
+        self.serialize, self.field_name, self.copies = serialize, field_name, copies
+
+    def body(self, name: str, config: dict, tensors: dict) -> dict:
+        blob = self.serialize(tensors)
+        return {"lora_name": name, "config_dict": config,
+                self.field_name: blob if self.copies is None else [blob] * self.copies}
+
+    @classmethod
+    def detect(cls, tp_size: int = 1) -> TensorRoute | None:
+        """The route of the installed sglang, or None when it has none (or sglang is not importable)."""
+        try:
+            from sglang.srt.managers import io_struct
+        except Exception:
+            return None
+        request = getattr(io_struct, "LoadLoRAAdapterFromTensorsReqInput", None)
+        if request is None:
+            return None
+        fields = set(getattr(request, "__dataclass_fields__", {})) | set(getattr(request, "__struct_fields__", ()))
+        fields |= set(getattr(request, "__annotations__", {}))
+        serializer = None
+        for module in ("sglang.srt.utils", "sglang.srt.utils.utils"):
+            with contextlib.suppress(Exception):
+                serializer = __import__(module, fromlist=["MultiprocessingSerializer"]).MultiprocessingSerializer
+                break
+        if serializer is None:
+            return None
+        serialize = lambda tensors: serializer.serialize(tensors, output_str=True)
+        if "serialized_named_tensors" in fields:  # newer: one copy per tensor-parallel rank
+            return cls(serialize, "serialized_named_tensors", max(1, tp_size))
+        if "serialized_tensors" in fields:
+            return cls(serialize, "serialized_tensors", None)
+        return None
+
+
+@dataclass
+class _Version:
+    name: str  # the name the server knows this version by
+    path: str | None  # its PEFT directory (file route), None for the tensor route
+
+
+class SGLangEngine:
+    """RolloutEngine on an SGLang server.
+
+    Launch: `SGLangEngine(settings=ServerSettings(...))`; attach: `SGLangEngine(url=...)` (a server or
+    an sglang-router; `worker_urls` lists the servers behind a router, which receive the adapters).
+    tokenizer: decodes text the way the embedded engine does (else the server's text is used).
+    eos_token_ids: added to every request's stop ids unless it sets ignore_eos.
+    adapter_sync: "files" (PEFT files in adapter_dir, default a fresh /dev/shm directory),
+    "tensors" (SGLang's in-memory route; an error if the installed sglang has none) or "auto".
+    push_adapters=False: another process (rank 0) pushes the same versions; this engine only
+    switches names (data-parallel ranks sharing one fleet). name_tag: part of every version name,
+    the same on every rank that shares a fleet.
+    """
+
+    def __init__(self, settings: ServerSettings | None = None, url: str | None = None,
+                 worker_urls: Sequence[str] | None = None, tokenizer=None, eos_token_ids: Sequence[int] = (),
+                 request_timeout: float = 900.0, adapter_sync: str = "auto", adapter_dir: str | Path | None = None,
+                 push_adapters: bool = True, name_tag: str | None = None, tensor_route: TensorRoute | None = None,
+                 log: Callable[[str], None] | None = None):
+        if (settings is None) == (url is None):
+            raise ValueError("give either settings (launch a server) or url (attach to a running server or router)")
+        if adapter_sync not in ADAPTER_SYNC_MODES:
+            raise ValueError(f"adapter_sync must be one of {', '.join(ADAPTER_SYNC_MODES)}, got {adapter_sync!r}")
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.request_timeout = request_timeout
+        self.push_adapters = push_adapters
+        self.name_tag = name_tag or uuid.uuid4().hex[:8]
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self._own_dir = adapter_dir is None
+        self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else _ram_directory()
+        self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._in_flight: Counter[str] = Counter()
+        self._retiring: dict[str, _Version] = {}
+        self._current: dict[str, _Version] = {}
+        self._counter = 0
+        self._policy = None
+        self.restarts = 0
+        self.last_sync_seconds = 0.0
+        self._server: _Server | None = None
+        if settings is not None:
+            log_path = Path(settings.log_path) if settings.log_path else self.adapter_dir / "sglang-server.log"
+            self._server = _Server(settings, log_path)
+            self._server.start()
+            self._server.wait_healthy(settings.startup_timeout)
+            self.url = self._server.url
+        else:
+            self.url = url.rstrip("/")
+            self._check_attached()
+        self.worker_urls = [u.rstrip("/") for u in worker_urls] if worker_urls else [self.url]
+        self.adapter_sync = adapter_sync
+        self._tensor_route = tensor_route
+        if adapter_sync != "files" and tensor_route is None:
+            self._tensor_route = TensorRoute.detect()
+        if adapter_sync == "tensors" and self._tensor_route is None:
+            raise ValueError("adapter_sync='tensors': the installed sglang has no load_lora_adapter_from_tensors (or "
+                             "sglang is not importable here); use adapter_sync='files'")
+        if adapter_sync == "files":
+            self._tensor_route = None
+        # runs on close(), when the engine is collected, or at interpreter exit: no orphaned server
+        self._finalizer = weakref.finalize(self, SGLangEngine._cleanup, self._server, self.adapter_dir, self._own_dir)
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    @staticmethod
+    def _cleanup(server: _Server | None, adapter_dir: Path, own_dir: bool) -> None:
+        if server is not None:
+            server.stop()
+        if own_dir:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop a launched server and delete the adapter files this engine wrote."""
+        self._finalizer()
+
+    def __enter__(self) -> SGLangEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def server_log(self) -> Path | None:
+        return self._server.log_path if self._server is not None else None
+
+    def _check_attached(self) -> None:
+        try:
+            status, body = _http(self.url + "/health", timeout=30)
+        except _ServerFailure as err:
+            raise SGLangServerError(f"cannot reach the SGLang server at {self.url} ({err}); start it first, or leave "
+                                    "the URL empty to let abs-fast launch one") from None
+        if status != 200:
+            raise SGLangServerError(f"the SGLang server at {self.url} is not healthy (/health gave HTTP {status}: "
+                                    f"{body})")
+
+    def _failure(self, what: str) -> SGLangServerError:
+        if self._server is None:
+            return SGLangServerError(f"{what}. The server at {self.url} was not started by abs-fast, so it is not "
+                                     "restarted; check its own log")
+        return SGLangServerError(f"{what}. Last lines of {self._server.log_path}:\n{_tail(self._server.log_path)}")
+
+    def _restart(self, reason: str) -> None:
+        """Restart a launched server and reload the current adapter versions into it."""
+        self.log(f"SGLang server failed ({reason}); restarting it (restart {self.restarts + 1})")
+        self._server.stop()
+        self._server.start()
+        self._server.wait_healthy(self._server.settings.startup_timeout)
+        self.url = self._server.url
+        self.worker_urls = [self.url]
+        self.restarts += 1
+        with self._lock:
+            versions = list(self._current.items())
+            self._retiring.clear()
+            self._in_flight.clear()
+        for adapter, version in versions:
+            self._load(adapter, version)
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    @property
+    def adapter_versions(self) -> dict[str, str]:
+        """Adapter -> the version name requests use now."""
+        return {adapter: version.name for adapter, version in self._current.items()}
+
+    def update_adapters(self, policy, names: Sequence[str] | None = None) -> None:
+        """Push the policy's current weights of `names` (default: all its adapters) as new versions,
+        switch requests to them, and unload the versions they replace once no request uses them."""
+        start = time.perf_counter()
+        self._policy = policy
+        names = list(names) if names is not None else list(policy.adapter_names)
+        for name in names:
+            policy.adapter_id(name)  # a clear KeyError for an unknown adapter
+        self._counter += 1
+        fresh = {name: _Version(f"{name}-{self.name_tag}-v{self._counter}", None) for name in names}
+        if self.push_adapters:
+            for name, version in fresh.items():
+                self._load(name, version)
+        with self._lock:
+            replaced = [self._current[name] for name in names if name in self._current]
+            self._current.update(fresh)
+            idle = []
+            for old in replaced:
+                if self._in_flight[old.name]:
+                    self._retiring[old.name] = old
+                else:
+                    idle.append(old)
+        for old in idle:
+            self._unload(old)
+        self.last_sync_seconds = time.perf_counter() - start
+
+    def _load(self, adapter: str, version: _Version) -> None:
+        if not self.push_adapters:
+            return
+        policy = self._policy
+        if self._tensor_route is not None and policy is not None and version.path is None:
+            from abs_fast.model.adapters import peft_adapter_state
+
+            config, tensors = peft_adapter_state(policy.target_layers(), adapter, policy.source, to_cpu=False)
+            body = self._tensor_route.body(version.name, config, tensors)
+            failures = self._post_all("/load_lora_adapter_from_tensors", body)
+            if not failures:
+                return
+            if self.adapter_sync == "tensors":
+                raise SGLangRequestError(f"loading adapter {version.name!r} from tensors failed: {failures[0]}")
+            self.log(f"SGLang's tensor route failed ({failures[0]}); adapters go through files from now on")
+            self._tensor_route = None
+        if version.path is None:
+            from abs_fast.model.adapters import save_peft_adapter
+
+            version.path = str(save_peft_adapter(policy.target_layers(), adapter, self.adapter_dir / version.name,
+                                                 policy.source))
+        failures = self._post_all("/load_lora_adapter", {"lora_name": version.name, "lora_path": version.path})
+        if failures:
+            raise SGLangRequestError(f"loading adapter {version.name!r} from {version.path} failed: {failures[0]}")
+
+    def _unload(self, version: _Version) -> None:
+        if self.push_adapters:
+            failures = self._post_all("/unload_lora_adapter", {"lora_name": version.name})
+            if failures:
+                self.log(f"unloading old adapter version {version.name!r} failed ({failures[0]}); it stays loaded")
+        if version.path is not None:
+            shutil.rmtree(version.path, ignore_errors=True)
+
+    def _post_all(self, route: str, body: dict) -> list[str]:
+        """POST to every worker; the failures as readable strings (empty: all succeeded)."""
+        failures = []
+        for url in self.worker_urls:
+            try:
+                status, answer = _http(url + route, body, timeout=self.request_timeout)
+            except _ServerFailure as err:
+                raise self._failure(f"{route} on {url} failed: {err}") from None
+            ok = status == 200 and not (isinstance(answer, dict) and answer.get("success") is False)
+            if not ok:
+                message = answer.get("error_message") or answer.get("message") if isinstance(answer, dict) else answer
+                failures.append(f"{url}{route}: HTTP {status}: {message}")
+        return failures
+
+    # --- generation ----------------------------------------------------------------------------
+
+    def _server_name(self, index: int, adapter: str | None) -> str | None:
+        if adapter is None or adapter == "base":
+            return None
+        version = self._current.get(adapter)
+        if version is None:
+            known = sorted(self._current)
+            raise KeyError(f"request {index}: no adapter named {adapter!r} on the SGLang server (pushed: {known}; "
+                           "call update_adapters(policy) first; None or 'base' = no adapter)")
+        return version.name
+
+    def _payload(self, requests: list[RolloutRequest]) -> tuple[dict, list[str]]:
+        prompts, sampling, loras = [], [], []
+        for i, request in enumerate(requests):
+            if not isinstance(request, RolloutRequest):
+                raise TypeError(f"request {i}: expected a RolloutRequest, got {type(request).__name__}")
+            prompt = [int(t) for t in request.prompt_ids]
+            if not prompt:
+                raise ValueError(f"request {i}: empty prompt")
+            if min(prompt) < 0:
+                raise ValueError(f"request {i}: negative token id in the prompt")
+            prompts.append(prompt)
+            sampling.append(_sampling_dict(request.sampling, self.eos_token_ids))
+            loras.append(self._server_name(i, request.adapter))
+        rids = [f"abs-{uuid.uuid4().hex}" for _ in requests]
+        payload = {"input_ids": prompts, "sampling_params": sampling, "lora_path": loras, "rid": rids,
+                   "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": 0,
+                   "return_text_in_logprobs": False, "stream": False}
+        return payload, [name for name in loras if name is not None]
+
+    def _acquire(self, names: list[str]) -> None:
+        with self._lock:
+            self._in_flight.update(names)
+
+    def _release(self, names: list[str]) -> None:
+        idle = []
+        with self._lock:
+            self._in_flight.subtract(names)
+            for name in set(names):
+                if self._in_flight[name] <= 0:
+                    del self._in_flight[name]
+                    if name in self._retiring:
+                        idle.append(self._retiring.pop(name))
+        for old in idle:
+            self._unload(old)
+
+    def generate(self, requests: list[RolloutRequest]) -> list[RolloutResult]:
+        """One /generate call for the whole wave; results in request order."""
+        if not requests:
+            return []
+        for attempt in range(2):
+            payload, names = self._payload(requests)
+            self._acquire(names)
+            try:
+                status, outputs = _http(self.url + "/generate", payload, timeout=self.request_timeout)
+                failure = None
+                if status >= 500:
+                    failure = f"/generate gave HTTP {status}: {outputs}"
+            except _ServerFailure as err:
+                failure = str(err)
+                if "timed out" in failure.lower():
+                    failure += f" (no answer within request_timeout={self.request_timeout:.0f} s: hung?)"
+            finally:
+                self._release(names)
+            if failure is None:
+                if status != 200:
+                    raise SGLangRequestError(f"/generate at {self.url} refused the wave: HTTP {status}: {outputs}")
+                return self._results(requests, payload["rid"], outputs)
+            if self._server is None or attempt == 1:
+                raise self._failure(f"/generate at {self.url} failed{' again after a restart' if attempt else ''}: "
+                                    f"{failure}")
+            self._restart(failure)
+        raise AssertionError("unreachable")
+
+    def _results(self, requests: list[RolloutRequest], rids: list[str], outputs) -> list[RolloutResult]:
+        if isinstance(outputs, dict):
+            outputs = [outputs]
+        if not isinstance(outputs, list) or len(outputs) != len(requests):
+            got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+            raise SGLangRequestError(f"/generate returned {got} outputs for {len(requests)} requests")
+        position = {rid: i for i, rid in enumerate(rids)}
+        results: list[RolloutResult | None] = [None] * len(requests)
+        for k, output in enumerate(outputs):
+            meta = output.get("meta_info", {}) if isinstance(output, dict) else {}
+            index = position.get(meta.get("id"), k) if "id" in meta else k
+            if results[index] is not None:
+                raise SGLangRequestError(f"/generate returned two outputs for request {index} (id {rids[index]})")
+            results[index] = self._result(index, requests[index], output)
+        return results
+
+    def _result(self, index: int, request: RolloutRequest, output: dict) -> RolloutResult:
+        meta = output.get("meta_info") or {}
+        token_logprobs = meta.get("output_token_logprobs")
+        if token_logprobs is None:
+            raise SGLangRequestError(f"request {index}: the output has no meta_info.output_token_logprobs")
+        token_ids = [int(t[1]) for t in token_logprobs]
+        if output.get("output_ids") is not None and list(output["output_ids"]) != token_ids:
+            raise SGLangRequestError(f"request {index}: output_ids and output_token_logprobs disagree")
+        logprobs = [float(t[0]) for t in token_logprobs]
+        reason = meta.get("finish_reason") or {}
+        kind = reason.get("type") if isinstance(reason, dict) else reason
+        matched = reason.get("matched") if isinstance(reason, dict) else None
+        if kind == "abort":
+            raise SGLangRequestError(f"request {index}: aborted by the server: {reason.get('message')}")
+        if kind not in ("stop", "length"):
+            raise SGLangRequestError(f"request {index}: unknown finish_reason {reason!r}")
+        return RolloutResult(token_ids=token_ids, text=self._text(output, token_ids, kind, matched),
+                             logprobs=logprobs, finish_reason=kind, matched_stop=matched,
+                             prompt_tokens=int(meta.get("prompt_tokens", len(request.prompt_ids))))
+
+    def _text(self, output: dict, token_ids: list[int], kind: str, matched) -> str:
+        """The embedded engine's rule: a stop token is not part of the text, a stop string cuts it."""
+        if self.tokenizer is None:
+            return output.get("text", "")
+        if kind == "stop" and isinstance(matched, int) and token_ids and token_ids[-1] == matched:
+            return self.tokenizer.decode(token_ids[:-1], skip_special_tokens=False)
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=False)
+        if kind == "stop" and isinstance(matched, str) and matched in text:
+            text = text[: text.find(matched)]
+        return text

@@ -1,0 +1,250 @@
+"""A stand-in SGLang server for the protocol tests: the documented HTTP surface of
+`sglang.launch_server` (sglang 0.5.x) that abs-fast uses, with deterministic fake generation.
+
+Run as `python -m fake_sglang_server <the sglang.launch_server options abs-fast passes>`. It checks
+those options the way the issue states them (127.0.0.1 only, LoRA on, a rank, a target-module
+list without "all-linear", at least 3 LoRAs per batch) and serves:
+
+- GET /health: 200 (503 for the first FAKE_SGLANG_STARTUP_503 calls)
+- POST /generate: batched `input_ids`, one `sampling_params` dict per item (every value explicit,
+  else HTTP 400), `lora_path` per item (loaded names or None), `return_logprob`, `rid`. Outputs
+  carry meta_info.id, finish_reason, prompt_tokens, completion_tokens, output_token_logprobs
+  ([logprob, token_id, None]) and output_ids.
+- POST /load_lora_adapter {lora_name, lora_path}, POST /unload_lora_adapter {lora_name}
+- POST /load_lora_adapter_from_tensors {lora_name, config_dict, serialized_tensors} when
+  FAKE_SGLANG_TENSORS=1 (serialized_tensors: base64 of safetensors bytes), else 404.
+
+The generation rule (`fake_generation`) depends on the prompt, the sampling values and the adapter's
+weights (the sum of its tensors), so a test can tell which adapter version answered.
+Faults, for the restart tests: FAKE_SGLANG_CRASH_ONCE_FILE / FAKE_SGLANG_HANG_ONCE_FILE (a file
+whose existence makes the next /generate crash the process / hang; it is deleted first),
+FAKE_SGLANG_CRASH_ALWAYS=1, FAKE_SGLANG_GENERATE_DELAY (seconds), FAKE_SGLANG_REVERSE=1 (outputs in
+reverse order). FAKE_SGLANG_JOURNAL: every request is appended there as a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "max_new_tokens", "min_new_tokens", "stop",
+                 "stop_token_ids", "ignore_eos", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                 "skip_special_tokens", "no_stop_trim", "n")
+
+
+def fake_generation(prompt: list[int], signature: float, params: dict) -> tuple[list[int], list[float], dict]:
+    """(token ids, log-probs, finish_reason) the fake server returns for one item."""
+    max_new = params["max_new_tokens"]
+    seed = (sum(prompt) * 1_000_003 + len(prompt) * 7 + round(signature * 1e4)) % 2**31
+    n = 1 + seed % max_new
+    tokens = [(seed + 7919 * j) % 1000 + 10 for j in range(n)]
+    if n < max_new and params["stop_token_ids"]:
+        tokens.append(params["stop_token_ids"][0])
+        reason = {"type": "stop", "matched": params["stop_token_ids"][0]}
+    else:
+        reason = {"type": "length", "length": len(tokens)}
+    logprobs = [-(((seed + j) % 97) + 1) / 10 for j in range(len(tokens))]
+    return tokens, logprobs, reason
+
+
+def adapter_signature(tensors: dict) -> float:
+    return round(float(sum(t.double().sum() for t in tensors.values())), 4)
+
+
+class _State:
+    def __init__(self, args):
+        self.args = args
+        self.adapters: dict[str, float] = {}
+        self.health_calls = 0
+        self.lock = threading.Lock()
+
+
+def _journal(route: str, body) -> None:
+    path = os.environ.get("FAKE_SGLANG_JOURNAL")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"pid": os.getpid(), "route": route, "body": body}) + "\n")
+
+
+def _make_handler(state: _State):
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format, *args):
+            print("fake-sglang:", format % args, flush=True)
+
+        def _send(self, status: int, body) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path == "/health":
+                state.health_calls += 1
+                if state.health_calls <= int(os.environ.get("FAKE_SGLANG_STARTUP_503", "0")):
+                    return self._send(503, {"status": "starting"})
+                return self._send(200, {})
+            self._send(404, {"detail": "Not Found"})
+
+        def do_POST(self):
+            length = int(self.headers.get("Content-Length", 0))
+            try:
+                body = json.loads(self.rfile.read(length) or b"null")
+            except json.JSONDecodeError:
+                return self._send(400, {"message": "body is not JSON"})
+            route = {"/generate": self._generate, "/load_lora_adapter": self._load,
+                     "/unload_lora_adapter": self._unload, "/load_lora_adapter_from_tensors": self._load_tensors}
+            handler = route.get(self.path)
+            if handler is None:
+                return self._send(404, {"detail": "Not Found"})
+            logged = dict(body) if isinstance(body, dict) else body
+            if isinstance(logged, dict) and "serialized_tensors" in logged:
+                logged["serialized_tensors"] = f"<{len(logged['serialized_tensors'])} chars>"
+            _journal(self.path, logged)
+            handler(body)
+
+        # --- adapters -----------------------------------------------------------------------
+
+        def _check_adapter(self, name: str, config: dict, tensors: dict):
+            if name in state.adapters:
+                return f"The LoRA adapter {name!r} is already loaded"
+            if config.get("r", 0) > state.args.max_lora_rank:
+                return f"LoRA rank {config.get('r')} exceeds --max-lora-rank {state.args.max_lora_rank}"
+            extra = set(config.get("target_modules", ())) - set(state.args.lora_target_modules)
+            if extra:
+                return f"target modules {sorted(extra)} are not in --lora-target-modules"
+            if not tensors:
+                return "no tensors"
+            return None
+
+        def _load(self, body):
+            from safetensors.torch import load_file
+
+            name, path = body.get("lora_name"), Path(body.get("lora_path", ""))
+            if not (path / "adapter_config.json").is_file() or not (path / "adapter_model.safetensors").is_file():
+                return self._send(400, {"success": False, "error_message": f"no PEFT adapter at {path}"})
+            config = json.loads((path / "adapter_config.json").read_text())
+            tensors = load_file(str(path / "adapter_model.safetensors"))
+            self._install(name, config, tensors)
+
+        def _load_tensors(self, body):
+            if os.environ.get("FAKE_SGLANG_TENSORS") != "1":
+                return self._send(404, {"detail": "Not Found"})
+            from safetensors.torch import load
+
+            tensors = load(base64.b64decode(body["serialized_tensors"]))
+            self._install(body.get("lora_name"), body.get("config_dict", {}), tensors)
+
+        def _install(self, name, config, tensors):
+            with state.lock:
+                error = self._check_adapter(name, config, tensors)
+                if error is None:
+                    state.adapters[name] = adapter_signature(tensors)
+            if error:
+                return self._send(400, {"success": False, "error_message": error})
+            self._send(200, {"success": True, "error_message": None,
+                             "loaded_adapters": {n: {"lora_name": n} for n in state.adapters}})
+
+        def _unload(self, body):
+            name = body.get("lora_name")
+            with state.lock:
+                found = state.adapters.pop(name, None) is not None
+            if not found:
+                return self._send(400, {"success": False, "error_message": f"LoRA adapter {name!r} is not loaded"})
+            self._send(200, {"success": True, "error_message": None})
+
+        # --- generation ---------------------------------------------------------------------
+
+        def _generate(self, body):
+            crash_once = os.environ.get("FAKE_SGLANG_CRASH_ONCE_FILE")
+            if os.environ.get("FAKE_SGLANG_CRASH_ALWAYS") == "1" or (crash_once and os.path.exists(crash_once)):
+                if crash_once and os.path.exists(crash_once):
+                    os.unlink(crash_once)
+                print("fake-sglang: simulated crash in the scheduler (CUDA error: an illegal memory access)",
+                      flush=True)
+                os._exit(3)
+            hang_once = os.environ.get("FAKE_SGLANG_HANG_ONCE_FILE")
+            if hang_once and os.path.exists(hang_once):
+                os.unlink(hang_once)
+                print("fake-sglang: simulated hang", flush=True)
+                time.sleep(3600)
+            time.sleep(float(os.environ.get("FAKE_SGLANG_GENERATE_DELAY", "0")))
+            prompts = body.get("input_ids")
+            if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
+                return self._send(400, {"message": "input_ids must be a list of token id lists"})
+            n = len(prompts)
+            params = body.get("sampling_params")
+            params = [params] * n if isinstance(params, dict) else params
+            loras = body.get("lora_path")
+            loras = [loras] * n if not isinstance(loras, list) else loras
+            rids = body.get("rid") or [f"fake-{i}" for i in range(n)]
+            if len(params) != n or len(loras) != n or len(rids) != n:
+                return self._send(400, {"message": "sampling_params, lora_path and rid need one entry per input"})
+            if body.get("return_logprob") is not True:
+                return self._send(400, {"message": "this fake only serves return_logprob=true"})
+            for i, p in enumerate(params):
+                missing = [k for k in SAMPLING_KEYS if k not in p]
+                if missing:
+                    return self._send(400, {"message": f"item {i}: sampling values not set explicitly: {missing}"})
+            with state.lock:
+                unknown = sorted({name for name in loras if name is not None and name not in state.adapters})
+                signatures = [0.0 if name is None else state.adapters.get(name, 0.0) for name in loras]
+            if unknown:
+                return self._send(400, {"message": f"LoRA adapters not loaded: {unknown}"})
+            if len(set(loras)) > state.args.max_loras_per_batch:
+                return self._send(400, {"message": "more adapters in the batch than --max-loras-per-batch"})
+            outputs = []
+            for prompt, p, signature, rid in zip(prompts, params, signatures, rids, strict=True):
+                tokens, logprobs, reason = fake_generation(prompt, signature, p)
+                outputs.append({
+                    "text": " ".join(f"t{t}" for t in tokens), "output_ids": tokens,
+                    "meta_info": {"id": rid, "finish_reason": reason, "prompt_tokens": len(prompt),
+                                  "completion_tokens": len(tokens), "cached_tokens": 0,
+                                  "output_token_logprobs": [[lp, t, None] for lp, t in zip(logprobs, tokens,
+                                                                                           strict=True)]}})
+            if os.environ.get("FAKE_SGLANG_REVERSE") == "1":
+                outputs.reverse()
+            self._send(200, outputs)
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fake_sglang_server")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--host", required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--enable-lora", action="store_true", required=True)
+    parser.add_argument("--max-lora-rank", type=int, required=True)
+    parser.add_argument("--lora-target-modules", nargs="+", required=True)
+    parser.add_argument("--max-loras-per-batch", type=int, required=True)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--random-seed", type=int, default=0)
+    parser.add_argument("--tokenizer-path")
+    parser.add_argument("--mem-fraction-static", type=float)
+    args = parser.parse_args(argv)
+    if args.host != "127.0.0.1":
+        parser.error(f"--host {args.host}: the protocol tests expect 127.0.0.1")
+    if "all-linear" in args.lora_target_modules:
+        parser.error("--lora-target-modules all-linear breaks SGLang's LoRA loader")
+    if args.max_loras_per_batch < 3:
+        parser.error("--max-loras-per-batch must hold attacker, defender and base")
+    if not Path(args.model_path).exists():
+        parser.error(f"--model-path {args.model_path} does not exist")
+    print(f"fake-sglang: serving {args.model_path} on {args.host}:{args.port}", flush=True)
+    server = ThreadingHTTPServer((args.host, args.port), _make_handler(_State(args)))
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

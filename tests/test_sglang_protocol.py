@@ -1,0 +1,384 @@
+"""Protocol tests of SGLangEngine against a stand-in server (tests/fake_sglang_server.py) that speaks
+the documented SGLang HTTP API: launch options, request bodies, order mapping, adapter version swaps,
+and what happens when the server dies or hangs. They do not show that real SGLang generates well:
+the `sglang`-marked test in test_sglang_engine.py compares the real server with the embedded engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from abs_fast.model import load_policy
+from abs_fast.model.adapters import peft_adapter_state
+from abs_fast.rollout import RolloutRequest, SamplingParams
+from abs_fast.rollout.sglang import (
+    ServerSettings,
+    SGLangEngine,
+    SGLangRequestError,
+    SGLangServerError,
+    TensorRoute,
+    free_port,
+    server_command,
+)
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from fake_sglang_server import adapter_signature, fake_generation  # noqa: E402
+
+EOS = (151645,)
+
+
+@pytest.fixture
+def policy(rng_seed):
+    policy = load_policy("tiny", quantize=None, adapters=("attacker", "defender"), rank=4, seed=rng_seed % 1000)
+    gen = torch.Generator().manual_seed(rng_seed)
+    with torch.no_grad():  # B = 0 would make every adapter look like the base
+        for p in policy.adapter_parameters("attacker") + policy.adapter_parameters("defender"):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    return policy
+
+
+@pytest.fixture
+def journal(tmp_path) -> Path:
+    return tmp_path / "journal.jsonl"
+
+
+def read_journal(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def settings_for(tmp_path: Path, journal: Path, **env) -> ServerSettings:
+    environment = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                   "FAKE_SGLANG_JOURNAL": str(journal), **{k: str(v) for k, v in env.items()}}
+    return ServerSettings(model_path=str(tmp_path), max_lora_rank=4, lora_target_modules=("q_proj", "k_proj",
+                          "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), module="fake_sglang_server",
+                          env=environment, startup_timeout=60)
+
+
+def signature(policy, adapter: str | None) -> float:
+    if adapter is None:
+        return 0.0
+    return adapter_signature(peft_adapter_state(policy.target_layers(), adapter)[1])
+
+
+def expected(policy, request: RolloutRequest, adapter_signatures: dict) -> tuple[list[int], list[float], str]:
+    from abs_fast.rollout.sglang import _sampling_dict
+
+    params = _sampling_dict(request.sampling, EOS)
+    tokens, logprobs, reason = fake_generation(list(request.prompt_ids), adapter_signatures[request.adapter], params)
+    return tokens, logprobs, reason["type"]
+
+
+def mixed_requests(rng_seed: int, n: int = 9) -> list[RolloutRequest]:
+    gen = torch.Generator().manual_seed(rng_seed)
+    samplings = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=7, stop_token_ids=(7,)),
+                 SamplingParams(temperature=0.0, max_new_tokens=5),
+                 SamplingParams(temperature=0.7, top_k=20, max_new_tokens=9, stop=("</answer>",), ignore_eos=True)]
+    adapters = ["attacker", "defender", None]
+    return [RolloutRequest(torch.randint(0, 5000, (int(torch.randint(1, 30, (1,), generator=gen)),),
+                                         generator=gen).tolist(), adapters[i % 3], samplings[(i // 3) % 3])
+            for i in range(n)]
+
+
+def generate_calls(entries: list[dict]) -> list[dict]:
+    return [e for e in entries if e["route"] == "/generate"]
+
+
+# --- launch options ------------------------------------------------------------------------
+
+
+def test_protocol_launch_command_sets_lora_options_and_binds_localhost(tmp_path):
+    settings = ServerSettings(model_path=str(tmp_path), max_lora_rank=16, lora_target_modules=("q_proj", "v_proj"),
+                              extra_args=("--mem-fraction-static", "0.4"))
+    command = server_command(settings, 31234)
+    assert command[1:3] == ["-m", "sglang.launch_server"]
+    arg = lambda name: command[command.index(name) + 1]
+    assert arg("--host") == "127.0.0.1" and arg("--port") == "31234"
+    assert "--enable-lora" in command and arg("--max-lora-rank") == "16"
+    i = command.index("--lora-target-modules")
+    assert command[i + 1:i + 3] == ["q_proj", "v_proj"] and command[i + 3].startswith("--")
+    assert int(arg("--max-loras-per-batch")) == 5  # attacker, defender, the base, and one new version of each
+    assert command[-2:] == ["--mem-fraction-static", "0.4"]
+    for bad in (dict(lora_target_modules=("all-linear",)), dict(max_loras_per_batch=2),
+                dict(extra_args=("--host", "0.0.0.0")), dict(extra_args=("--port=1",))):
+        with pytest.raises(ValueError):
+            server_command(ServerSettings(**{**dict(model_path="m", max_lora_rank=8, lora_target_modules=("q_proj",)),
+                                             **bad}), 1)
+
+
+def test_protocol_startup_failure_shows_the_server_log(tmp_path, journal):
+    settings = settings_for(tmp_path, journal)
+    settings.extra_args = ("--bogus-option",)
+    with pytest.raises(SGLangServerError, match=r"(?s)exited with code 2 while starting.*unrecognized arguments"):
+        SGLangEngine(settings=settings)
+
+
+def test_protocol_health_wait_and_startup_timeout(tmp_path, journal, policy):
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_STARTUP_503=3)) as engine:
+        engine.update_adapters(policy)  # healthy after three 503s
+    settings = settings_for(tmp_path, journal, FAKE_SGLANG_STARTUP_503=10**6)
+    settings.startup_timeout = 2
+    with pytest.raises(SGLangServerError, match="did not become healthy within 2 s"):
+        SGLangEngine(settings=settings)
+
+
+# --- one /generate per wave, results mapped back ---------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "server-reorders"])
+def test_protocol_one_generate_per_wave_with_explicit_sampling(tmp_path, journal, policy, rng_seed, reverse):
+    env = {"FAKE_SGLANG_REVERSE": 1} if reverse else {}
+    with SGLangEngine(settings=settings_for(tmp_path, journal, **env), eos_token_ids=EOS) as engine:
+        assert engine.generate([]) == []
+        engine.update_adapters(policy)
+        requests = mixed_requests(rng_seed)
+        results = engine.generate(requests)
+        versions = engine.adapter_versions
+    calls = generate_calls(read_journal(journal))
+    assert len(calls) == 1
+    body = calls[0]["body"]
+    assert body["input_ids"] == [list(r.prompt_ids) for r in requests]
+    assert body["lora_path"] == [versions[r.adapter] if r.adapter else None for r in requests]
+    assert body["return_logprob"] is True and len(set(body["rid"])) == len(requests)
+    for request, params in zip(requests, body["sampling_params"], strict=True):
+        s = request.sampling
+        assert params["temperature"] == s.temperature and params["top_p"] == s.top_p
+        assert params["top_k"] == (s.top_k if s.top_k else -1) and params["max_new_tokens"] == s.max_new_tokens
+        assert params["stop"] == list(s.stop) and params["ignore_eos"] == s.ignore_eos
+        assert params["stop_token_ids"] == list(s.stop_token_ids) + ([] if s.ignore_eos else list(EOS))
+        assert (params["min_p"], params["repetition_penalty"], params["frequency_penalty"],
+                params["presence_penalty"]) == (0.0, 1.0, 0.0, 0.0)
+    signatures = {a: signature(policy, a) for a in ("attacker", "defender", None)}
+    assert len(set(signatures.values())) == 3
+    for request, result in zip(requests, results, strict=True):
+        tokens, logprobs, reason = expected(policy, request, signatures)
+        assert result.token_ids == tokens and result.finish_reason == reason
+        assert result.logprobs == pytest.approx(logprobs)
+        assert result.prompt_tokens == len(request.prompt_ids)
+
+
+def test_protocol_text_follows_the_embedded_engine_rule(tmp_path, journal, policy, qwen_tokenizer):
+    requests = [RolloutRequest(list(range(100, 100 + n)), "attacker",
+                               SamplingParams(max_new_tokens=12, stop_token_ids=(151643,))) for n in range(1, 9)]
+    with SGLangEngine(settings=settings_for(tmp_path, journal), tokenizer=qwen_tokenizer) as engine:
+        engine.update_adapters(policy, names=["attacker"])
+        results = engine.generate(requests)
+    assert {r.finish_reason for r in results} == {"stop", "length"}
+    for result in results:
+        text_tokens = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
+        assert result.text == qwen_tokenizer.decode(text_tokens, skip_special_tokens=False)
+        assert (result.matched_stop == 151643) == (result.finish_reason == "stop")
+
+
+def test_protocol_unknown_adapter_and_base_before_any_push(tmp_path, journal, policy):
+    with SGLangEngine(settings=settings_for(tmp_path, journal)) as engine:
+        base = engine.generate([RolloutRequest([5, 6, 7], None, SamplingParams(max_new_tokens=4))])
+        assert base[0].token_ids == fake_generation([5, 6, 7], 0.0, {"max_new_tokens": 4, "stop_token_ids": []})[0]
+        with pytest.raises(KeyError, match="request 0: no adapter named 'attacker'"):
+            engine.generate([RolloutRequest([5], "attacker")])
+        engine.update_adapters(policy)
+        with pytest.raises(KeyError, match="no adapter named"):
+            engine.update_adapters(policy, names=["nobody"])
+
+
+# --- live adapter updates ---------------------------------------------------------------------
+
+
+def test_protocol_version_swap_sequence(tmp_path, journal, policy):
+    with SGLangEngine(settings=settings_for(tmp_path, journal)) as engine:
+        engine.update_adapters(policy)
+        first = engine.adapter_versions
+        old_dirs = {a: engine.adapter_dir / name for a, name in first.items()}
+        assert all(d.is_dir() for d in old_dirs.values())
+        assert str(engine.adapter_dir).startswith("/dev/shm") or not Path("/dev/shm").is_dir()
+        prompt = RolloutRequest([11, 12, 13], "attacker", SamplingParams(max_new_tokens=30))
+        before = engine.generate([prompt])[0].token_ids
+        with torch.no_grad():
+            for p in policy.adapter_parameters("attacker"):
+                p.add_(0.01)
+        start = len(read_journal(journal))
+        engine.update_adapters(policy, names=["attacker"])
+        second = engine.adapter_versions
+        after = engine.generate([prompt])[0].token_ids
+        sync_seconds = engine.last_sync_seconds
+    assert second["defender"] == first["defender"] and second["attacker"] != first["attacker"]
+    sequence = [(e["route"], e["body"].get("lora_name")) for e in read_journal(journal)[start:]]
+    assert sequence == [("/load_lora_adapter", second["attacker"]), ("/unload_lora_adapter", first["attacker"]),
+                        ("/generate", None)]
+    assert not old_dirs["attacker"].exists()
+    assert before != after
+    assert after == fake_generation([11, 12, 13], signature(policy, "attacker"),
+                                    {"max_new_tokens": 30, "stop_token_ids": []})[0]
+    assert sync_seconds > 0
+
+
+def test_protocol_old_version_waits_for_requests_in_flight(tmp_path, journal, policy):
+    settings = settings_for(tmp_path, journal, FAKE_SGLANG_GENERATE_DELAY=1.5)
+    with SGLangEngine(settings=settings) as engine:
+        engine.update_adapters(policy)
+        first = engine.adapter_versions["attacker"]
+        wave = threading.Thread(target=engine.generate, args=([RolloutRequest([1, 2], "attacker")],))
+        wave.start()
+        time.sleep(0.5)  # the wave is now in flight on the old version
+        engine.update_adapters(policy, names=["attacker"])
+        routes = [(e["route"], e["body"].get("lora_name")) for e in read_journal(journal)]
+        assert ("/unload_lora_adapter", first) not in routes
+        wave.join()
+        routes = [(e["route"], e["body"].get("lora_name")) for e in read_journal(journal)]
+        assert routes[-1] == ("/unload_lora_adapter", first)
+
+
+def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy, capsys):
+    from safetensors.torch import save
+
+    route = TensorRoute(lambda tensors: base64.b64encode(save({k: v.cpu() for k, v in tensors.items()})).decode(),
+                        "serialized_tensors", None)
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_TENSORS=1), tensor_route=route) as engine:
+        engine.update_adapters(policy)
+        result = engine.generate([RolloutRequest([3, 4], "defender", SamplingParams(max_new_tokens=20))])[0]
+        assert not any(engine.adapter_dir.glob("defender-*"))  # nothing written to files
+    loads = [e for e in read_journal(journal) if e["route"].startswith("/load")]
+    assert [e["route"] for e in loads] == ["/load_lora_adapter_from_tensors"] * 2
+    config = peft_adapter_state(policy.target_layers(), "defender", policy.source)[0]
+    assert loads[1]["body"]["config_dict"] == json.loads(json.dumps(config))
+    assert result.token_ids == fake_generation([3, 4], signature(policy, "defender"),
+                                               {"max_new_tokens": 20, "stop_token_ids": []})[0]
+    # a server without the route: "auto" falls back to files, "tensors" is an error
+    messages = []
+    with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route, log=messages.append) as engine:
+        engine.update_adapters(policy)
+        assert engine.generate([RolloutRequest([3, 4], "defender", SamplingParams(max_new_tokens=20))])[0] == result
+    assert any("tensor route failed" in m for m in messages)
+    with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route, adapter_sync="tensors") as engine, \
+            pytest.raises(SGLangRequestError, match="from tensors failed"):
+        engine.update_adapters(policy)
+
+
+# --- failures -------------------------------------------------------------------------------------
+
+
+def test_protocol_server_death_mid_wave_restarts_once(tmp_path, journal, policy, rng_seed):
+    crash = tmp_path / "crash-once"
+    messages = []
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_CRASH_ONCE_FILE=crash),
+                      eos_token_ids=EOS, log=messages.append) as engine:
+        engine.update_adapters(policy)
+        first_url = engine.url
+        crash.touch()
+        requests = mixed_requests(rng_seed, n=6)
+        results = engine.generate(requests)
+        assert engine.restarts == 1 and engine.url != first_url
+    assert any("restarting" in m for m in messages)
+    entries = read_journal(journal)
+    pids = list(dict.fromkeys(e["pid"] for e in entries))
+    assert len(pids) == 2
+    after = [(e["route"], e["body"].get("lora_name")) for e in entries if e["pid"] == pids[1]]
+    versions = engine.adapter_versions
+    assert sorted(after[:2]) == sorted(("/load_lora_adapter", v) for v in versions.values())
+    assert after[2][0] == "/generate"
+    signatures = {a: signature(policy, a) for a in ("attacker", "defender", None)}
+    for request, result in zip(requests, results, strict=True):
+        assert result.token_ids == expected(policy, request, signatures)[0]
+
+
+def test_protocol_server_that_keeps_dying_gives_a_clear_error(tmp_path, journal, policy):
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_CRASH_ALWAYS=1)) as engine:
+        engine.update_adapters(policy)
+        with pytest.raises(SGLangServerError) as err:
+            engine.generate([RolloutRequest([1, 2, 3], "attacker")])
+        assert engine.restarts == 1
+    message = str(err.value)
+    assert "failed again after a restart" in message
+    assert "simulated crash in the scheduler" in message and "sglang-server.log" in message
+
+
+def test_protocol_hung_server_times_out_and_restarts(tmp_path, journal, policy):
+    hang = tmp_path / "hang-once"
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_HANG_ONCE_FILE=hang),
+                      request_timeout=3, log=lambda m: None) as engine:
+        engine.update_adapters(policy)
+        hang.touch()
+        result = engine.generate([RolloutRequest([9, 9], "defender", SamplingParams(max_new_tokens=6))])[0]
+        assert engine.restarts == 1
+    assert result.token_ids == fake_generation([9, 9], signature(policy, "defender"),
+                                               {"max_new_tokens": 6, "stop_token_ids": []})[0]
+
+
+def test_protocol_close_stops_the_server_and_removes_adapter_files(tmp_path, journal, policy):
+    engine = SGLangEngine(settings=settings_for(tmp_path, journal))
+    engine.update_adapters(policy)
+    process, directory = engine._server.process, engine.adapter_dir
+    engine.close()
+    assert process.poll() is not None and not directory.exists()
+
+
+# --- attaching to servers this engine did not start ------------------------------------------------
+
+
+def start_fake(tmp_path: Path, journal: Path) -> tuple[subprocess.Popen, str]:
+    settings = settings_for(tmp_path, journal)
+    port = free_port()
+    process = subprocess.Popen(server_command(settings, port), env={**os.environ, **settings.env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return process, url
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("fake server did not start")
+
+
+def test_protocol_attach_pushes_adapters_to_every_worker_and_never_restarts(tmp_path, journal, policy):
+    with pytest.raises(SGLangServerError, match="cannot reach the SGLang server"):
+        SGLangEngine(url=f"http://127.0.0.1:{free_port()}")
+    (a, url_a), (b, url_b) = start_fake(tmp_path, journal), start_fake(tmp_path, journal)
+    try:
+        engine = SGLangEngine(url=url_a, worker_urls=[url_a, url_b])
+        engine.update_adapters(policy)
+        loads = [e["pid"] for e in read_journal(journal) if e["route"] == "/load_lora_adapter"]
+        assert sorted(loads) == sorted([a.pid, a.pid, b.pid, b.pid])
+        assert engine.generate([RolloutRequest([1], "attacker")])[0].token_ids
+        a.kill()
+        a.wait()
+        with pytest.raises(SGLangServerError, match="not started by abs-fast, so it is not restarted"):
+            engine.generate([RolloutRequest([1], "attacker")])
+        engine.close()
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait()
+
+
+def test_protocol_non_owner_rank_switches_names_without_pushing(tmp_path, journal, policy):
+    process, url = start_fake(tmp_path, journal)
+    try:
+        owner = SGLangEngine(url=url, name_tag="run1")
+        follower = SGLangEngine(url=url, name_tag="run1", push_adapters=False)
+        for _ in range(2):
+            owner.update_adapters(policy)
+            follower.update_adapters(policy)
+            assert follower.adapter_versions == owner.adapter_versions
+            request = RolloutRequest([4, 2], "attacker", SamplingParams(max_new_tokens=8))
+            assert follower.generate([request])[0].token_ids == owner.generate([request])[0].token_ids
+        pushes = [e for e in read_journal(journal) if e["route"] != "/generate"]
+        assert len(pushes) == 2 + 2 + 2  # two loads per update, two unloads after the second, all by the owner
+        owner.close()
+        follower.close()
+    finally:
+        process.kill()
+        process.wait()
