@@ -43,6 +43,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from abs_fast.rollout.sglang import SGLangRequestError, SGLangServerError
     from abs_fast.train import Trainer, plot_metrics, read_metrics, summary_table
 
     try:
@@ -51,8 +52,15 @@ def _train(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"abs-fast train: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
+    except (SGLangServerError, SGLangRequestError) as err:
+        print(f"abs-fast train: {err}", file=sys.stderr)
+        return 1
     try:
         trainer.train()
+    except (SGLangServerError, SGLangRequestError) as err:
+        print(f"abs-fast train: {err}\nThe run continues from its last checkpoint with: abs-fast train --output "
+              f"{trainer.run_dir} --resume", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
     if not trainer.collective.is_main:  # data parallel: rank 0 reports

@@ -382,3 +382,36 @@ def test_protocol_non_owner_rank_switches_names_without_pushing(tmp_path, journa
     finally:
         process.kill()
         process.wait()
+
+
+# --- the trainer on an SGLang server ---------------------------------------------------------------
+
+
+def test_protocol_trainer_one_generate_per_wave_and_a_push_after_each_step(tmp_path, journal, monkeypatch):
+    from abs_fast.train import Trainer, apply_overrides, preset_config, read_metrics
+
+    monkeypatch.setenv("ABS_FAST_BACKEND", "reference")
+    process, url = start_fake(tmp_path, journal)
+    try:
+        config = apply_overrides(preset_config("tiny"), {
+            "output": str(tmp_path / "run"), "steps": 2, "rollout_engine": "sglang", "sglang_url": url,
+            "quantize": "none", "device": "cpu", "tensorboard": False, "progress": False, "diagnostics_every": 0,
+            "rollout_batch_size": 4, "attacker_max_new_tokens": 8, "defender_max_new_tokens": 8, "lora_rank": 4})
+        trainer = Trainer(config, log=lambda message: None)
+        trainer.train()
+        trainer.close()
+    finally:
+        process.kill()
+        process.wait()
+    entries = [(e["route"], e["body"]) for e in read_journal(journal)]
+    routes = [route for route, _ in entries]
+    assert routes == ["/load_lora_adapter"] * 2 + (["/generate"] * 2 + ["/load_lora_adapter"] * 2
+                                                   + ["/unload_lora_adapter"] * 2) * 2
+    loaded = [body["lora_name"] for route, body in entries if route == "/load_lora_adapter"]
+    unloaded = [body["lora_name"] for route, body in entries if route == "/unload_lora_adapter"]
+    assert unloaded == loaded[:4]  # each version is unloaded when the next one is in
+    step2_waves = [body for route, body in entries if route == "/generate"][2:]
+    names_in_step2 = {name for body in step2_waves for name in body["lora_path"] if name}
+    assert names_in_step2 <= set(loaded[2:4]) and names_in_step2
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(records) == 2 and all(r["seconds/sync"] > 0 for r in records)
