@@ -57,7 +57,8 @@ def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Call
 def load_judge(config: TrainConfig, device: str | None = None) -> Judge:
     if config.judge == "heuristic":
         return HeuristicJudge()
-    return WildGuardJudge.from_pretrained(config.judge_model, device=_device(config, device))
+    return WildGuardJudge.from_pretrained(config.judge_model, device=_device(config, device),
+                                          max_batch=config.judge_max_batch, max_seq_len=config.judge_max_seq_len)
 
 
 def stop_token_ids(tokenizer, policy) -> tuple[int, ...]:

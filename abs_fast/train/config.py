@@ -39,6 +39,8 @@ class TrainConfig:
     drop_ties: bool = True
     judge: Literal["heuristic", "wildguard"] = "heuristic"
     judge_model: str = ""  # local WildGuard-format checkpoint directory (judge=wildguard)
+    judge_max_batch: int = 32  # the judge engine's rows; its KV cache is judge_max_batch x judge_max_seq_len tokens
+    judge_max_seq_len: int = 2048  # longer judge inputs keep their start and end (the middle is cut)
     frozen_defender: str = ""  # attacker-only: a PEFT adapter dir the attacker plays against (default: the base)
     # rollout
     rollout_batch_size: int = 128  # seeds per step
@@ -56,6 +58,7 @@ class TrainConfig:
     sglang_startup_timeout: float = 900.0
     sglang_request_timeout: float = 900.0  # one wave; a server silent for longer counts as hung
     adapter_sync: Literal["auto", "files", "tensors"] = "auto"  # how adapters reach SGLang after each step
+    sglang_adapter_dir: str = ""  # where adapter versions go (default /dev/shm); storage remote workers can read
     # RL
     algorithm: Literal["reinforce++", "grpo", "rloo"] = "reinforce++"
     kl_beta: float = 0.01  # REINFORCE++/RLOO: k1 penalty in the reward; GRPO: k3 loss coefficient
@@ -84,8 +87,8 @@ class TrainConfig:
         if not self.model:
             raise ValueError("no model: pass --model LOCAL_DIR (a local Qwen2.5-*-Instruct checkpoint directory)")
         positive = ("lora_rank", "rollout_batch_size", "samples_per_prompt", "attacker_max_new_tokens",
-                    "defender_max_new_tokens", "max_prompt_tokens", "engine_max_batch", "train_batch_size",
-                    "token_budget", "steps", "checkpoint_every", "keep_checkpoints")
+                    "defender_max_new_tokens", "max_prompt_tokens", "engine_max_batch", "judge_max_batch",
+                    "train_batch_size", "token_budget", "steps", "checkpoint_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -100,6 +103,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.algorithm in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"algorithm={self.algorithm} compares samples of one seed: set samples_per_prompt >= 2")
+        if self.judge_max_seq_len < 256:
+            raise ValueError(f"judge_max_seq_len must be >= 256 (the judge's input format alone is ~150 tokens), got "
+                             f"{self.judge_max_seq_len}")
         if self.judge == "wildguard" and not self.judge_model:
             raise ValueError("judge=wildguard needs judge_model=LOCAL_DIR (a WildGuard-format classifier checkpoint)")
         if self.diagnostics_every < 0:
@@ -135,12 +141,12 @@ TRAIN_PRESETS: dict[str, dict] = {
                  output="runs/tiny"),
     "qwen2.5-3b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-3b"),
     "qwen2.5-7b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-7b"),
-    "qwen2.5-14b": dict(_COMMON_QWEN, model="", token_budget=8192, gradient_checkpointing=True,
+    "qwen2.5-14b": dict(_COMMON_QWEN, model="", token_budget=8192, gradient_checkpointing=True, judge_max_batch=16,
                         output="runs/qwen2.5-14b"),
     # a 7B run on one 24 GB card: NF4 base, small micro-batches, recomputed activations
     "consumer-24gb": dict(_COMMON_QWEN, model="", rollout_batch_size=32, train_batch_size=16, token_budget=4096,
                           engine_max_batch=32, attacker_max_new_tokens=384, defender_max_new_tokens=384,
-                          gradient_checkpointing=True, output="runs/consumer-24gb"),
+                          judge_max_batch=16, gradient_checkpointing=True, output="runs/consumer-24gb"),
 }
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -183,7 +183,7 @@ class Trainer:
 
         config, collective = self.config, self.collective
         common = dict(tokenizer=self.tokenizer, request_timeout=config.sglang_request_timeout,
-                      adapter_sync=config.adapter_sync, log=self.log)
+                      adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None, log=self.log)
         if config.sglang_url:  # one fleet for every rank: rank 0 pushes the adapters, the others use its names
             tag = collective.broadcast(uuid.uuid4().hex[:8])
             return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
