@@ -441,7 +441,8 @@ class SGLangEngine:
             from abs_fast.model.adapters import peft_adapter_state
 
             config, tensors = peft_adapter_state(policy.target_layers(), adapter, policy.source, to_cpu=False)
-            body = self._tensor_route.body(version.name, config, tensors)
+            # copies: the server maps what it is sent, and the optimizer updates the parameters in place
+            body = self._tensor_route.body(version.name, config, {k: v.clone() for k, v in tensors.items()})
             failures = self._post_all("/load_lora_adapter_from_tensors", body)
             if not failures:
                 return
