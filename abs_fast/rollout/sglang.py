@@ -566,7 +566,7 @@ class SGLangEngine:
         results: list[RolloutResult | None] = [None] * len(requests)
         for k, output in enumerate(outputs):
             meta = output.get("meta_info", {}) if isinstance(output, dict) else {}
-            index = position.get(meta.get("id"), k) if "id" in meta else k
+            index = position.get(meta.get("id"), k)  # by request id; by position if the server sends none
             if results[index] is not None:
                 raise SGLangRequestError(f"/generate returned two outputs for request {index} (id {rids[index]})")
             results[index] = self._result(index, requests[index], output)

@@ -11,7 +11,7 @@ import torch
 from abs_fast.game import HeuristicJudge, Judge, WildGuardJudge
 from abs_fast.train.config import TrainConfig
 
-__all__ = ["load_judge", "load_policy_for", "load_tokenizer_for", "stop_token_ids"]
+__all__ = ["load_judge", "load_policy_for", "load_tokenizer_for", "stop_token_ids", "target_modules_of"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +37,13 @@ def _device(config: TrainConfig, device: str | None) -> str | None:
     return None if config.device == "auto" else config.device
 
 
+def target_modules_of(config: TrainConfig) -> str | list[str]:
+    """config.target_modules as load_policy takes it: "all-linear" or a list of projection names."""
+    if config.target_modules == "all-linear":
+        return "all-linear"
+    return [t.strip() for t in config.target_modules.split(",")]
+
+
 def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Callable[[str], None] | None = None,
                     device: str | None = None):
     """The base model of `config` (seeded random weights for presets) with fresh adapters `adapters`.
@@ -47,11 +54,10 @@ def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Call
         log(f"model={config.model} is a preset with RANDOM weights (for benchmarks); pass --model DIR to use a real "
             "checkpoint")
     device = _device(config, device)
-    targets = config.target_modules if config.target_modules == "all-linear" else \
-        [t.strip() for t in config.target_modules.split(",")]
     return load_policy(config.model, quantize=None if config.quantize == "none" else config.quantize,
                        adapters=tuple(adapters), rank=config.lora_rank, alpha=config.lora_alpha,
-                       target_modules=targets, device=device, dtype=_DTYPES.get(config.dtype), seed=config.seed)
+                       target_modules=target_modules_of(config), device=device, dtype=_DTYPES.get(config.dtype),
+                       seed=config.seed)
 
 
 def load_judge(config: TrainConfig, device: str | None = None) -> Judge:

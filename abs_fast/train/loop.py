@@ -36,7 +36,7 @@ from abs_fast.game import (
 )
 from abs_fast.io import atomic_write_text
 from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
-from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, stop_token_ids
+from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, stop_token_ids, target_modules_of
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from abs_fast.train.config import TrainConfig
 from abs_fast.train.distributed import init_distributed
@@ -188,12 +188,11 @@ class Trainer:
             tag = collective.broadcast(uuid.uuid4().hex[:8])
             return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
                                 push_adapters=collective.is_main, name_tag=tag, **common)
-        targets = "all-linear" if config.target_modules == "all-linear" else \
-            [t.strip() for t in config.target_modules.split(",")]
         adapters = tuple(dict.fromkeys([*self.trained_adapters, *(["defender"] if config.frozen_defender else [])]))
         gpu = collective.local_rank if collective.enabled and (self.rank_device or "").startswith("cuda") else None
         settings = ServerSettings(model_path=config.model, tokenizer_path=config.tokenizer or None,
-                                  max_lora_rank=config.lora_rank, lora_target_modules=resolve_target_modules(targets),
+                                  max_lora_rank=config.lora_rank,
+                                  lora_target_modules=resolve_target_modules(target_modules_of(config)),
                                   adapters=adapters, dtype=config.dtype, seed=config.seed + collective.rank,
                                   extra_args=tuple(shlex.split(config.sglang_args)), gpu=gpu,
                                   startup_timeout=config.sglang_startup_timeout,
