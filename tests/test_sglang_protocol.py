@@ -168,8 +168,10 @@ def test_protocol_one_generate_per_wave_with_explicit_sampling(tmp_path, journal
 
 
 def test_protocol_text_follows_the_embedded_engine_rule(tmp_path, journal, policy, qwen_tokenizer):
+    # the stand-in stops early unless it draws the full length; one token allowed always ends by length
     requests = [RolloutRequest(list(range(100, 100 + n)), "attacker",
-                               SamplingParams(max_new_tokens=12, stop_token_ids=(151643,))) for n in range(1, 9)]
+                               SamplingParams(max_new_tokens=12 if n > 2 else 1, stop_token_ids=(151643,)))
+                for n in range(1, 11)]
     with SGLangEngine(settings=settings_for(tmp_path, journal), tokenizer=qwen_tokenizer) as engine:
         engine.update_adapters(policy, names=["attacker"])
         results = engine.generate(requests)
