@@ -20,6 +20,9 @@ Faults, for the restart tests: FAKE_SGLANG_CRASH_ONCE_FILE / FAKE_SGLANG_HANG_ON
 whose existence makes the next /generate crash the process / hang; it is deleted first),
 FAKE_SGLANG_CRASH_ALWAYS=1, FAKE_SGLANG_GENERATE_DELAY (seconds), FAKE_SGLANG_REVERSE=1 (outputs in
 reverse order). FAKE_SGLANG_JOURNAL: every request is appended there as a JSON line.
+Keys, as SGLang's --api-key / --admin-api-key decide them: FAKE_SGLANG_API_KEY guards /generate;
+the adapter routes want FAKE_SGLANG_ADMIN_API_KEY when it is set, else FAKE_SGLANG_API_KEY; /health
+is open. A missing or wrong bearer token gets 401.
 """
 
 from __future__ import annotations
@@ -95,10 +98,19 @@ def _make_handler(state: _State):
                 return self._send(200, {})
             self._send(404, {"detail": "Not Found"})
 
+        def _authorised(self) -> bool:
+            api_key = os.environ.get("FAKE_SGLANG_API_KEY")
+            admin_key = os.environ.get("FAKE_SGLANG_ADMIN_API_KEY")
+            wanted = api_key if self.path == "/generate" else (admin_key or api_key)
+            return not wanted or self.headers.get("Authorization") == f"Bearer {wanted}"
+
         def do_POST(self):
             length = int(self.headers.get("Content-Length", 0))
+            raw = self.rfile.read(length)
+            if not self._authorised():
+                return self._send(401, {"error": "Unauthorized"})
             try:
-                body = json.loads(self.rfile.read(length) or b"null")
+                body = json.loads(raw or b"null")
             except json.JSONDecodeError:
                 return self._send(400, {"message": "body is not JSON"})
             route = {"/generate": self._generate, "/load_lora_adapter": self._load,

@@ -114,8 +114,12 @@ def server_command(settings: ServerSettings, port: int) -> list[str]:
     if settings.max_loras_per_batch is not None and settings.max_loras_per_batch < 3:
         raise ValueError(f"max_loras_per_batch must be >= 3 (attacker, defender and the base in one batch), got "
                          f"{settings.max_loras_per_batch}")
-    for option in ("--host", "--port", "--enable-lora", "--lora-paths"):
+    for option in ("--host", "--port", "--enable-lora", "--lora-paths", "--api-key", "--admin-api-key"):
         if any(arg == option or arg.startswith(option + "=") for arg in settings.extra_args):
+            if option.endswith("api-key"):
+                raise ValueError(f"extra server args must not set {option}: a launched server binds to 127.0.0.1, "
+                                 "and a key on its command line is visible to every local user; put a server that "
+                                 "needs a key behind sglang_url and set SGLANG_API_KEY for abs-fast")
             raise ValueError(f"extra server args must not set {option}: the engine sets it (the server binds to "
                              "127.0.0.1; adapters are loaded after start)")
     command = [sys.executable, "-m", settings.module, "--model-path", str(settings.model_path),
@@ -202,12 +206,15 @@ class _Server:
             process.wait(timeout=30)
 
 
-def _http(url: str, payload: dict | None = None, timeout: float = 60.0) -> tuple[int, object]:
-    """(status, parsed JSON or text) of a GET (payload None) or a JSON POST. Transport failures
-    (refused, reset, timed out) raise _ServerFailure; HTTP error statuses are returned."""
+def _http(url: str, payload: dict | None = None, timeout: float = 60.0, key: str | None = None) -> tuple[int, object]:
+    """(status, parsed JSON or text) of a GET (payload None) or a JSON POST, with `key` as a bearer
+    token when given. Transport failures (refused, reset, timed out) raise _ServerFailure; HTTP
+    error statuses are returned."""
     data = None if payload is None else json.dumps(payload).encode("utf-8")
-    request = urllib.request.Request(url, data=data, method="GET" if payload is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, method="GET" if payload is None else "POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, body = response.status, response.read()
@@ -221,6 +228,17 @@ def _http(url: str, payload: dict | None = None, timeout: float = 60.0) -> tuple
         return status, json.loads(text) if text else None
     except json.JSONDecodeError:
         return status, text
+
+
+def _auth_hint(status: int) -> str:
+    """What to do about a refused key (the key itself is never printed)."""
+    if status == 401:
+        return (" (the server wants an API key: set SGLANG_API_KEY to its --api-key, and SGLANG_ADMIN_API_KEY to "
+                "its --admin-api-key if it has one, in abs-fast's environment)")
+    if status == 403:
+        return (" (forbidden: the server's adapter routes need its --admin-api-key; set SGLANG_ADMIN_API_KEY in "
+                "abs-fast's environment)")
+    return ""
 
 
 def _sampling_dict(params: SamplingParams, eos_token_ids: Sequence[int]) -> dict:
@@ -294,15 +312,23 @@ class SGLangEngine:
     push_adapters=False: another process (rank 0) pushes the same versions; this engine only
     switches names (data-parallel ranks sharing one fleet). name_tag: part of every version name,
     the same on every rank that shares a fleet.
+    api_key / admin_api_key (attached servers only): sent as bearer tokens, api_key on /generate and
+    admin_api_key (else api_key) on the adapter routes, as SGLang's --api-key/--admin-api-key expect.
     """
 
     def __init__(self, settings: ServerSettings | None = None, url: str | None = None,
                  worker_urls: Sequence[str] | None = None, tokenizer=None, eos_token_ids: Sequence[int] = (),
                  request_timeout: float = 900.0, adapter_sync: str = "auto", adapter_dir: str | Path | None = None,
                  push_adapters: bool = True, name_tag: str | None = None, tensor_route: TensorRoute | None = None,
+                 api_key: str | None = None, admin_api_key: str | None = None,
                  log: Callable[[str], None] | None = None):
         if (settings is None) == (url is None):
             raise ValueError("give either settings (launch a server) or url (attach to a running server or router)")
+        if settings is not None and (api_key or admin_api_key):
+            raise ValueError("API keys are for attached servers (url=...): a launched server binds to 127.0.0.1 "
+                             "and takes no key")
+        self._api_key = api_key or None
+        self._admin_api_key = admin_api_key or api_key or None
         if adapter_sync not in ADAPTER_SYNC_MODES:
             raise ValueError(f"adapter_sync must be one of {', '.join(ADAPTER_SYNC_MODES)}, got {adapter_sync!r}")
         self.tokenizer = tokenizer
@@ -355,7 +381,19 @@ class SGLangEngine:
             shutil.rmtree(adapter_dir, ignore_errors=True)
 
     def close(self) -> None:
-        """Stop a launched server and delete the adapter files this engine wrote."""
+        """Stop a launched server, or unload this engine's adapter versions from an attached one (so
+        repeated runs do not fill its adapter slots); delete the adapter files this engine wrote."""
+        if self._server is None and self.push_adapters:
+            with self._lock:
+                versions = [*self._current.values(), *self._retiring.values()]
+                self._current.clear()
+                self._retiring.clear()
+            for version in versions:
+                try:
+                    self._unload(version)
+                except SGLangServerError as err:  # the server is gone: nothing left to unload
+                    self.log(f"could not unload {version.name!r} from {self.url}: {err}")
+                    break
         self._finalizer()
 
     def __enter__(self) -> SGLangEngine:
@@ -370,13 +408,13 @@ class SGLangEngine:
 
     def _check_attached(self) -> None:
         try:
-            status, body = _http(self.url + "/health", timeout=30)
+            status, body = _http(self.url + "/health", timeout=30, key=self._api_key)
         except _ServerFailure as err:
             raise SGLangServerError(f"cannot reach the SGLang server at {self.url} ({err}); start it first, or leave "
                                     "the URL empty to let abs-fast launch one") from None
         if status != 200:
             raise SGLangServerError(f"the SGLang server at {self.url} is not healthy (/health gave HTTP {status}: "
-                                    f"{body})")
+                                    f"{body}){_auth_hint(status)}")
 
     def _failure(self, what: str) -> SGLangServerError:
         if self._server is None:
@@ -472,13 +510,13 @@ class SGLangEngine:
         failures = []
         for url in self.worker_urls:
             try:
-                status, answer = _http(url + route, body, timeout=self.request_timeout)
+                status, answer = _http(url + route, body, timeout=self.request_timeout, key=self._admin_api_key)
             except _ServerFailure as err:
                 raise self._failure(f"{route} on {url} failed: {err}") from None
             ok = status == 200 and not (isinstance(answer, dict) and answer.get("success") is False)
             if not ok:
                 message = answer.get("error_message") or answer.get("message") if isinstance(answer, dict) else answer
-                failures.append(f"{url}{route}: HTTP {status}: {message}")
+                failures.append(f"{url}{route}: HTTP {status}: {message}{_auth_hint(status)}")
         return failures
 
     # --- generation ----------------------------------------------------------------------------
@@ -536,7 +574,8 @@ class SGLangEngine:
             payload, names = self._payload(requests)
             self._acquire(names)
             try:
-                status, outputs = _http(self.url + "/generate", payload, timeout=self.request_timeout)
+                status, outputs = _http(self.url + "/generate", payload, timeout=self.request_timeout,
+                                        key=self._api_key)
                 failure = None
                 if status >= 500:
                     failure = f"/generate gave HTTP {status}: {outputs}"
@@ -548,7 +587,8 @@ class SGLangEngine:
                 self._release(names)
             if failure is None:
                 if status != 200:
-                    raise SGLangRequestError(f"/generate at {self.url} refused the wave: HTTP {status}: {outputs}")
+                    raise SGLangRequestError(f"/generate at {self.url} refused the wave: HTTP {status}: {outputs}"
+                                             f"{_auth_hint(status)}")
                 return self._results(requests, payload["rid"], outputs)
             if self._server is None or attempt == 1:
                 raise self._failure(f"/generate at {self.url} failed{' again after a restart' if attempt else ''}: "
