@@ -43,7 +43,6 @@ def _train_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from abs_fast.rollout.sglang import SGLangRequestError, SGLangServerError
     from abs_fast.train import Trainer, plot_metrics, read_metrics, summary_table
 
     try:
@@ -52,12 +51,12 @@ def _train(args: argparse.Namespace) -> int:
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"abs-fast train: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
         return 2
-    except (SGLangServerError, SGLangRequestError) as err:
+    except _sglang_errors() as err:
         print(f"abs-fast train: {err}", file=sys.stderr)
         return 1
     try:
         trainer.train()
-    except (SGLangServerError, SGLangRequestError) as err:
+    except _sglang_errors() as err:
         print(f"abs-fast train: {err}\nThe run continues from its last checkpoint with: abs-fast train --output "
               f"{trainer.run_dir} --resume", file=sys.stderr)
         return 1
@@ -108,9 +107,16 @@ def _demo(args: argparse.Namespace) -> int:
 _USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError)
 
 
+def _sglang_errors() -> tuple[type[Exception], ...]:
+    from abs_fast.rollout.sglang import SGLangRequestError, SGLangServerError
+
+    return SGLangServerError, SGLangRequestError
+
+
 def _user_error(command: str, err: Exception) -> int:
+    """Exit 2 for bad input; exit 1 for an SGLang server that failed (its log tail is in the message)."""
     print(f"abs-fast {command}: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-    return 2
+    return 1 if isinstance(err, _sglang_errors()) else 2
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -126,7 +132,7 @@ def _eval(args: argparse.Namespace) -> int:
                      temperature=args.temperature, attack_seeds=args.attack_seeds or [],
                      attack_samples=args.attack_samples, attacker_probe_on=not args.no_attacker_probe,
                      progress=not args.quiet)
-    except _USER_ERRORS as err:
+    except (*_USER_ERRORS, *_sglang_errors()) as err:
         return _user_error("eval", err)
     return 0
 
@@ -138,7 +144,7 @@ def _crossplay(args: argparse.Namespace) -> int:
         crossplay_command(_split_list(args.attackers), _split_list(args.defenders), args.seeds, model=args.model,
                           overrides=args.set or [], output=args.output, limit=args.limit,
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature, progress=not args.quiet)
-    except _USER_ERRORS as err:
+    except (*_USER_ERRORS, *_sglang_errors()) as err:
         return _user_error("crossplay", err)
     return 0
 
@@ -149,7 +155,7 @@ def _exploit(args: argparse.Namespace) -> int:
     try:
         exploit_command(args.defender, args.steps, model=args.model, overrides=args.set or [], output=args.output,
                         resume=args.resume, progress=not args.quiet)
-    except _USER_ERRORS as err:
+    except (*_USER_ERRORS, *_sglang_errors()) as err:
         return _user_error("exploit", err)
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from abs_fast.game import turn_answer
 from abs_fast.model import load_policy
 from abs_fast.model.adapters import peft_adapter_state
 from abs_fast.rollout import RolloutRequest, SamplingParams
@@ -327,8 +328,8 @@ def test_protocol_close_stops_the_server_and_removes_adapter_files(tmp_path, jou
 # --- attaching to servers this engine did not start ------------------------------------------------
 
 
-def start_fake(tmp_path: Path, journal: Path) -> tuple[subprocess.Popen, str]:
-    settings = settings_for(tmp_path, journal)
+def start_fake(tmp_path: Path, journal: Path, **env) -> tuple[subprocess.Popen, str]:
+    settings = settings_for(tmp_path, journal, **env)
     port = free_port()
     process = subprocess.Popen(server_command(settings, port), env={**os.environ, **settings.env},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -386,7 +387,107 @@ def test_protocol_non_owner_rank_switches_names_without_pushing(tmp_path, journa
         process.wait()
 
 
-# --- the trainer on an SGLang server ---------------------------------------------------------------
+def test_protocol_api_keys_for_an_attached_server(tmp_path, journal, policy):
+    api_key, admin_key = f"k-{os.urandom(8).hex()}", f"a-{os.urandom(8).hex()}"
+    process, url = start_fake(tmp_path, journal, FAKE_SGLANG_API_KEY=api_key, FAKE_SGLANG_ADMIN_API_KEY=admin_key)
+    messages = []
+    try:
+        keyless = SGLangEngine(url=url, log=messages.append)  # /health is open, as in SGLang
+        with pytest.raises(SGLangRequestError, match=r"HTTP 401.*set SGLANG_API_KEY") as refused:
+            keyless.update_adapters(policy)
+        with pytest.raises(SGLangRequestError, match=r"HTTP 401.*SGLANG_ADMIN_API_KEY"):
+            SGLangEngine(url=url, api_key=api_key).update_adapters(policy)  # the adapter routes want the admin key
+        with pytest.raises(SGLangRequestError, match="HTTP 401"):
+            SGLangEngine(url=url, api_key="wrong", admin_api_key=admin_key).generate([RolloutRequest([3])])
+        engine = SGLangEngine(url=url, api_key=api_key, admin_api_key=admin_key, eos_token_ids=EOS, log=messages.append)
+        engine.update_adapters(policy)
+        request = RolloutRequest([5, 6, 7], "defender", SamplingParams(max_new_tokens=6))
+        tokens, _, _ = expected(policy, request, {"defender": signature(policy, "defender")})
+        assert engine.generate([request])[0].token_ids == tokens
+        engine.close()
+        keyless.close()
+    finally:
+        process.kill()
+        process.wait()
+    routes = [e["route"] for e in read_journal(journal)]  # refused requests never reach a handler
+    assert routes == ["/load_lora_adapter"] * 2 + ["/generate"] + ["/unload_lora_adapter"] * 2
+    for text in [str(refused.value), *messages]:
+        assert api_key not in text and admin_key not in text
+    with pytest.raises(ValueError, match="attached servers"):
+        SGLangEngine(settings=settings_for(tmp_path, journal), api_key=api_key)
+    with pytest.raises(ValueError, match="visible to every local user"):
+        server_command(ServerSettings(model_path="m", max_lora_rank=8, lora_target_modules=("q_proj",),
+                                      extra_args=("--api-key", api_key)), 1)
+
+
+# --- evaluation and the trainer on an SGLang server ----------------------------------------------------
+
+
+def _decoded(tokenizer, tokens: list[int], reason: dict) -> str:
+    """The engine's text rule for a fake generation (a matched stop id is not part of the text)."""
+    return tokenizer.decode(tokens[:-1] if reason["type"] == "stop" else tokens, skip_special_tokens=False)
+
+
+def test_protocol_eval_and_crossplay_generate_on_sglang(tmp_path, journal, policy, shared_data, monkeypatch,
+                                                         qwen_tokenizer):
+    from safetensors.torch import load_file
+
+    from abs_fast.evaluate.commands import crossplay_command, eval_command
+
+    monkeypatch.setenv("ABS_FAST_BACKEND", "reference")
+    api_key, admin_key = f"k-{os.urandom(8).hex()}", f"a-{os.urandom(8).hex()}"
+    monkeypatch.setenv("SGLANG_API_KEY", api_key)  # read by the engine builder for an attached server
+    monkeypatch.setenv("SGLANG_ADMIN_API_KEY", admin_key)
+    attacker_dir, defender_dir = policy.save_adapters(tmp_path / "adapters")
+    signatures = {None: 0.0, **{d.name: adapter_signature(load_file(str(d / "adapter_model.safetensors")))
+                                for d in (attacker_dir, defender_dir)}}
+    process, url = start_fake(tmp_path, journal, FAKE_SGLANG_API_KEY=api_key, FAKE_SGLANG_ADMIN_API_KEY=admin_key)
+    overrides = ["rollout_engine=sglang", f"sglang_url={url}", "judge=heuristic"]
+    try:
+        out, results = eval_command(str(defender_dir), [f"xstest={shared_data / 'eval' / 'xstest_prompts.csv'}",
+                                                        f"gsm8k={shared_data / 'eval' / 'gsm8k_test.jsonl'}"],
+                                    overrides=overrides, output=str(tmp_path / "eval"), limit=3, max_new_tokens=6,
+                                    progress=False, log=lambda message: None)
+        eval_entries = read_journal(journal)
+        journal.unlink()
+        _, cross = crossplay_command([str(attacker_dir), "base"], [str(defender_dir)], ["builtin"],
+                                     overrides=overrides, output=str(tmp_path / "cross"), limit=4, max_new_tokens=6,
+                                     progress=False, log=lambda message: None)
+        cross_entries = read_journal(journal)
+    finally:
+        process.kill()
+        process.wait()
+
+    # eval: one wave (3 safety prompts, then 3 GSM8K questions each for the defender and the base)
+    assert results["engine"] == "sglang"
+    assert [e["route"] for e in eval_entries] == ["/load_lora_adapter", "/generate", "/unload_lora_adapter"]
+    version = eval_entries[0]["body"]["lora_name"]
+    assert version.startswith("defender-") and eval_entries[2]["body"]["lora_name"] == version
+    wave = eval_entries[1]["body"]
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(records) == len(wave["input_ids"]) == 3 + 2 * 3
+    for record, prompt, params, name in zip(records, wave["input_ids"], wave["sampling_params"], wave["lora_path"],
+                                            strict=True):
+        assert name == (version if record["played_by"] == "defender" else None)
+        assert params["temperature"] == 0.0 and params["max_new_tokens"] == 6
+        tokens, _, reason = fake_generation(prompt, signatures["defender" if name else None], params)
+        assert record["response"] == _decoded(qwen_tokenizer, tokens, reason)
+
+    # cross-play: the attackers' wave, then the defender's answers to every attack; one load per adapter
+    assert cross["engine"] == "sglang" and cross["attackers"] == ["attacker", "base"]
+    routes = [e["route"] for e in cross_entries]
+    assert routes == ["/load_lora_adapter"] * 2 + ["/generate"] * 2 + ["/unload_lora_adapter"] * 2
+    names = {e["body"]["lora_name"].split("-")[0]: e["body"]["lora_name"] for e in cross_entries[:2]}
+    assert set(names) == {"attacker_0", "defender_0"}  # the first attacker and defender on the command line
+    wave1, wave2 = (e["body"] for e in cross_entries[2:4])
+    assert wave1["lora_path"] == [names["attacker_0"]] * 4 + [None] * 4
+    assert wave2["lora_path"] == [names["defender_0"]] * 8
+    games = [json.loads(line) for line in (tmp_path / "cross" / "games.jsonl").read_text().splitlines()]
+    for game, prompt, params in zip(games, wave2["input_ids"], wave2["sampling_params"], strict=True):
+        tokens, _, reason = fake_generation(prompt, signatures["defender"], params)
+        assert game["response"] == turn_answer(_decoded(qwen_tokenizer, tokens, reason), True)[0]
+
+
 
 
 def test_protocol_trainer_one_generate_per_wave_and_a_push_after_each_step(tmp_path, journal, monkeypatch):
@@ -408,10 +509,11 @@ def test_protocol_trainer_one_generate_per_wave_and_a_push_after_each_step(tmp_p
     entries = [(e["route"], e["body"]) for e in read_journal(journal)]
     routes = [route for route, _ in entries]
     assert routes == ["/load_lora_adapter"] * 2 + (["/generate"] * 2 + ["/load_lora_adapter"] * 2
-                                                   + ["/unload_lora_adapter"] * 2) * 2
+                                                   + ["/unload_lora_adapter"] * 2) * 2 + ["/unload_lora_adapter"] * 2
     loaded = [body["lora_name"] for route, body in entries if route == "/load_lora_adapter"]
     unloaded = [body["lora_name"] for route, body in entries if route == "/unload_lora_adapter"]
-    assert unloaded == loaded[:4]  # each version is unloaded when the next one is in
+    # each version is unloaded when the next one is in; close() unloads the last ones from the attached server
+    assert unloaded == loaded
     step2_waves = [body for route, body in entries if route == "/generate"][2:]
     names_in_step2 = {name for body in step2_waves for name in body["lora_path"] if name}
     assert names_in_step2 <= set(loaded[2:4]) and names_in_step2

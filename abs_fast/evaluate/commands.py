@@ -1,5 +1,6 @@
 """The evaluation commands behind `abs-fast eval | crossplay | exploit | report`: resolve what the
-paths name, load the base model once with every adapter needed, run, write the result files."""
+paths name, load the base model once with every adapter needed, run (on the embedded engine, or on
+SGLang with rollout_engine=sglang), write the result files."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from abs_fast.evaluate.policies import eval_config, is_run_dir, load_role_adapte
 from abs_fast.evaluate.suites import load_suite, parse_suite_spec
 from abs_fast.game import parse_seed_spec
 from abs_fast.io import atomic_write_text
-from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, stop_token_ids
+from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
 from abs_fast.train.config import TrainConfig, apply_overrides
 from abs_fast.train.loop import SeedStream
 
@@ -40,6 +41,22 @@ def _seeds(specs: Sequence[str], limit: int | None, seed: int) -> list:
     if not seeds:
         raise ValueError(f"no seeds in {', '.join(specs)}")
     return SeedStream(seeds, seed).take(min(limit, len(seeds)) if limit else len(seeds))
+
+
+def _sglang_engine(config: TrainConfig, tokenizer, paths: dict[str, Path | None], output: str | Path, log: Log):
+    """An SGLang engine (launched, or attached to sglang_url) when the config asks for one, else None.
+    Built before the policy loads: a launched server sizes its memory pool from what is free."""
+    if config.rollout_engine != "sglang":
+        return None
+    adapters = [key for key, path in paths.items() if path is not None]
+    return sglang_engine_for(config, tokenizer, adapters, Path(output) / "sglang-server.log", log,
+                             version_swaps=False)
+
+
+def _serve_adapters(engine, policy) -> None:
+    """Push every adapter the policy holds to the SGLang engine (nothing to do for the embedded one)."""
+    if engine is not None and policy.adapter_names:
+        engine.update_adapters(policy)
 
 
 def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool = False, model: str | None = None,
@@ -67,21 +84,28 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
             output = str(Path("eval") / ("base" if base_only or not policy else Path(policy).name))
     log(f"eval: loading {config.model} ({config.quantize}) with defender {paths['defender'] or 'none (base)'}")
     tokenizer = load_tokenizer_for(config)
-    model_policy = load_policy_for(config, log=log)
-    names = load_role_adapters(model_policy, paths)
-    judge = load_judge(config)
-    stops = stop_token_ids(tokenizer, model_policy)
-    settings = _settings(config, max_new_tokens, temperature, attack_samples, progress)
-    results, records = evaluate_policy(model_policy, tokenizer, judge, suites, names["defender"], stops, settings,
-                                       log=log)
-    results = {"policy": str(policy) + (" (base only)" if base_only else "") if policy else f"{config.model} (base)",
-               "model": config.model, "judge": config.judge, **results}
-    probe_records: list[dict] = []
-    if paths["attacker"] is not None:
-        seeds = _seeds(list(attack_seeds) or config.seeds, attack_samples, config.seed)
-        results["attacker_probe"], probe_records = attacker_probe(model_policy, tokenizer, judge, seeds,
-                                                                  names["attacker"], names["defender"], stops,
-                                                                  settings, log=log)
+    engine = _sglang_engine(config, tokenizer, paths, output, log)
+    try:
+        model_policy = load_policy_for(config, log=log)
+        names = load_role_adapters(model_policy, paths)
+        _serve_adapters(engine, model_policy)
+        judge = load_judge(config)
+        stops = stop_token_ids(tokenizer, model_policy)
+        settings = _settings(config, max_new_tokens, temperature, attack_samples, progress)
+        results, records = evaluate_policy(model_policy, tokenizer, judge, suites, names["defender"], stops,
+                                           settings, log=log, engine=engine)
+        results = {"policy": str(policy) + (" (base only)" if base_only else "") if policy else
+                   f"{config.model} (base)", "model": config.model, "judge": config.judge,
+                   "engine": config.rollout_engine, **results}
+        probe_records: list[dict] = []
+        if paths["attacker"] is not None:
+            seeds = _seeds(list(attack_seeds) or config.seeds, attack_samples, config.seed)
+            results["attacker_probe"], probe_records = attacker_probe(model_policy, tokenizer, judge, seeds,
+                                                                      names["attacker"], names["defender"], stops,
+                                                                      settings, log=log, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
     written = write_eval(results, records, output)
     if probe_records:
         atomic_write_text(Path(output) / "attacks.jsonl", "".join(json.dumps(r) + "\n" for r in probe_records))
@@ -117,14 +141,21 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
             labels[role].append((key, _label(spec, taken)))
     log(f"cross-play: loading {config.model} with {sum(p is not None for p in paths.values())} adapter(s)")
     tokenizer = load_tokenizer_for(config)
-    model_policy = load_policy_for(config, log=log)
-    names = load_role_adapters(model_policy, paths)
-    judge = load_judge(config)
-    settings = _settings(config, max_new_tokens, temperature, progress=progress)
-    results, records = crossplay(model_policy, tokenizer, judge, [(label, names[k]) for k, label in labels["attacker"]],
-                                 [(label, names[k]) for k, label in labels["defender"]], seeds,
-                                 stop_token_ids(tokenizer, model_policy), settings, log=log)
-    results.update({"model": config.model, "judge": config.judge,
+    engine = _sglang_engine(config, tokenizer, paths, output, log)
+    try:
+        model_policy = load_policy_for(config, log=log)
+        names = load_role_adapters(model_policy, paths)
+        _serve_adapters(engine, model_policy)
+        judge = load_judge(config)
+        settings = _settings(config, max_new_tokens, temperature, progress=progress)
+        results, records = crossplay(model_policy, tokenizer, judge,
+                                     [(label, names[k]) for k, label in labels["attacker"]],
+                                     [(label, names[k]) for k, label in labels["defender"]], seeds,
+                                     stop_token_ids(tokenizer, model_policy), settings, log=log, engine=engine)
+    finally:
+        if engine is not None:
+            engine.close()
+    results.update({"model": config.model, "judge": config.judge, "engine": config.rollout_engine,
                     "attacker_paths": list(attackers), "defender_paths": list(defenders)})
     written = write_crossplay(results, records, output)
     log(f"cross-play: wrote {', '.join(str(p) for p in written)}")
@@ -149,7 +180,10 @@ def exploit_command(defender: str, steps: int, model: str | None = None, overrid
     config = apply_overrides(config, list(overrides))
     log(f"exploit: a fresh attacker for {config.steps} steps against {frozen or 'the base model'} (frozen)")
     trainer = Trainer(config, resume=resume, log=log)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
     summary = exploit_summary(read_metrics(trainer.run_dir / "metrics.jsonl"), str(frozen or "base"))
     written = write_exploit(summary, trainer.run_dir)
     log(f"exploit: wrote {', '.join(str(p) for p in written)}")

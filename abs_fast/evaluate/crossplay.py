@@ -18,7 +18,7 @@ from abs_fast.evaluate.stats import rate_of
 from abs_fast.evaluate.tables import fmt, markdown_table
 from abs_fast.game import attacker_messages, defender_messages, encode_turn, turn_answer
 from abs_fast.io import atomic_write_text
-from abs_fast.rollout import RolloutRequest, SamplingParams
+from abs_fast.rollout import RolloutEngine, RolloutRequest, SamplingParams
 from abs_fast.train.metrics import figure_png
 
 __all__ = ["CROSSPLAY_METRICS", "crossplay", "crossplay_csv", "crossplay_markdown", "plot_crossplay",
@@ -32,10 +32,11 @@ CROSSPLAY_METRICS = {
 
 def crossplay(policy, tokenizer, judge, attackers: Sequence[tuple[str, str | None]],
               defenders: Sequence[tuple[str, str | None]], seeds: Sequence, stop_ids: Sequence[int],
-              settings: EvalSettings | None = None, log: Callable[[str], None] = lambda message: None
-              ) -> tuple[dict, list[dict]]:
-    """attackers / defenders: (label, adapter name or None for the base). Returns (results with
-    matrices [attacker][defender] of Rate dicts, one record per game)."""
+              settings: EvalSettings | None = None, log: Callable[[str], None] = lambda message: None,
+              engine: RolloutEngine | None = None) -> tuple[dict, list[dict]]:
+    """attackers / defenders: (label, adapter name or None for the base); engine: where generation
+    runs (default: an embedded engine over `policy`). Returns (results with matrices
+    [attacker][defender] of Rate dicts, one record per game)."""
     settings = settings or EvalSettings()
     reasoning = settings.reasoning
     sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
@@ -44,11 +45,11 @@ def crossplay(policy, tokenizer, judge, attackers: Sequence[tuple[str, str | Non
         "engine batches")
     prompts = [encode_turn(tokenizer, attacker_messages(s.prompt, s.type, reasoning), reasoning) for s in seeds]
     wave1 = [RolloutRequest(prompt, adapter, sampling) for _, adapter in attackers for prompt in prompts]
-    attacks = [turn_answer(o.text, reasoning)[0] for o in generate_wave(policy, tokenizer, wave1, settings)]
+    attacks = [turn_answer(o.text, reasoning)[0] for o in generate_wave(policy, tokenizer, wave1, settings, engine)]
     turns = [encode_turn(tokenizer, defender_messages(a, reasoning), reasoning) for a in attacks]
     games = [(ai, di, si) for ai in range(len(attackers)) for di in range(len(defenders)) for si in range(len(seeds))]
     wave2 = [RolloutRequest(turns[ai * len(seeds) + si], defenders[di][1], sampling) for ai, di, si in games]
-    outputs = generate_wave(policy, tokenizer, wave2, settings)
+    outputs = generate_wave(policy, tokenizer, wave2, settings, engine)
     replies = [turn_answer(o.text, reasoning)[0] for o in outputs]
     labels = judge.classify([attacks[ai * len(seeds) + si] for ai, _, si in games], replies)
 

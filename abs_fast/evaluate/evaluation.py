@@ -1,8 +1,9 @@
 """`abs-fast eval`: a policy's defender on safety suites and GSM8K, and its attacker's diversity.
 
 Every suite prompt (and every GSM8K question, once with the defender and once with the base) goes
-through the rollout engine in one batch, greedy by default; the safety answers are judged in one
-judge call. Rates come with counts and 95% Wilson intervals (GAME.md section 6).
+through the rollout engine (embedded, or an SGLang server the caller passes) in one batch, greedy
+by default; the safety answers are judged in one judge call. Rates come with counts and 95% Wilson
+intervals (GAME.md section 6).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from abs_fast.evaluate.suites import HEADLINE_METRICS, EvalItem
 from abs_fast.evaluate.tables import fmt, fmt_rate, markdown_table, rate_cells
 from abs_fast.game import attacker_messages, defender_messages, encode_turn, turn_answer
 from abs_fast.io import atomic_write_text
-from abs_fast.rollout import EmbeddedEngine, RolloutRequest, RolloutResult, SamplingParams
+from abs_fast.rollout import EmbeddedEngine, RolloutEngine, RolloutRequest, RolloutResult, SamplingParams
 
 __all__ = ["EvalSettings", "attacker_probe", "eval_markdown", "evaluate_policy", "generate_wave", "safety_metrics",
            "write_eval"]
@@ -40,10 +41,14 @@ class EvalSettings:
     progress: bool = False
 
 
-def generate_wave(policy, tokenizer, requests: list[RolloutRequest], settings: EvalSettings) -> list[RolloutResult]:
-    """One engine batch, with a KV cache sized for this wave's longest prompt."""
+def generate_wave(policy, tokenizer, requests: list[RolloutRequest], settings: EvalSettings,
+                  engine: RolloutEngine | None = None) -> list[RolloutResult]:
+    """One engine batch: on `engine` (which already serves the policy's adapters) when given, else on
+    an embedded engine with a KV cache sized for this wave's longest prompt."""
     if not requests:
         return []
+    if engine is not None:
+        return engine.generate(requests)
     longest = max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in requests)
     engine = EmbeddedEngine(policy, tokenizer, max_batch=min(settings.engine_max_batch, len(requests)),
                             max_seq_len=longest + 1, seed=settings.seed, progress=settings.progress)
@@ -77,9 +82,11 @@ def safety_metrics(kind: str, items: Sequence[EvalItem], labels: Sequence) -> di
 
 def evaluate_policy(policy, tokenizer, judge, suites: Sequence[tuple[str, str, Sequence[EvalItem]]],
                     defender: str | None, stop_ids: Sequence[int], settings: EvalSettings | None = None,
-                    log: Callable[[str], None] = lambda message: None) -> tuple[dict, list[dict]]:
+                    log: Callable[[str], None] = lambda message: None, engine: RolloutEngine | None = None
+                    ) -> tuple[dict, list[dict]]:
     """Run every suite. suites: (name, kind, items); defender: the adapter that answers (None = the
     base). GSM8K questions are answered by the defender and by the base in the same batch.
+    engine: where generation runs (default: an embedded engine over `policy`).
     Returns (results, one record per generation)."""
     settings = settings or EvalSettings()
     sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
@@ -96,7 +103,7 @@ def evaluate_policy(policy, tokenizer, judge, suites: Sequence[tuple[str, str, S
                 jobs.append((index, item, "defender", RolloutRequest(prompt, defender, sampling)))
     log(f"eval: {len(jobs)} generations over {len(suites)} suite(s), one engine batch")
     start = time.perf_counter()
-    outputs = generate_wave(policy, tokenizer, [job[3] for job in jobs], settings)
+    outputs = generate_wave(policy, tokenizer, [job[3] for job in jobs], settings, engine)
     seconds = time.perf_counter() - start
 
     records = []
@@ -149,10 +156,12 @@ def evaluate_policy(policy, tokenizer, judge, suites: Sequence[tuple[str, str, S
 
 def attacker_probe(policy, tokenizer, judge, seeds: Sequence, attacker: str | None, defender: str | None,
                    stop_ids: Sequence[int], settings: EvalSettings | None = None,
-                   log: Callable[[str], None] = lambda message: None) -> tuple[dict, list[dict]]:
+                   log: Callable[[str], None] = lambda message: None, engine: RolloutEngine | None = None
+                   ) -> tuple[dict, list[dict]]:
     """The attacker rewrites `seeds` (sampled, as in training); the defender answers (sampled). Reports
     attack diversity, attack success on harmful seeds, the defender's refusal rate on the attacker's
-    prompts, and the KL between defender and attacker on the defender's turns (collapse)."""
+    prompts, and the KL between defender and attacker on the defender's turns (collapse), computed
+    on `policy` itself whichever engine generated."""
     settings = settings or EvalSettings()
     reasoning = settings.reasoning
     sampling = SamplingParams(temperature=settings.attack_temperature, max_new_tokens=settings.max_new_tokens,
@@ -160,9 +169,10 @@ def attacker_probe(policy, tokenizer, judge, seeds: Sequence, attacker: str | No
     log(f"attacker probe: {len(seeds)} seeds, two engine batches")
     requests = [RolloutRequest(encode_turn(tokenizer, attacker_messages(s.prompt, s.type, reasoning), reasoning),
                                attacker, sampling) for s in seeds]
-    attacks = [turn_answer(o.text, reasoning) for o in generate_wave(policy, tokenizer, requests, settings)]
+    attacks = [turn_answer(o.text, reasoning) for o in generate_wave(policy, tokenizer, requests, settings, engine)]
     turns = [encode_turn(tokenizer, defender_messages(query, reasoning), reasoning) for query, _ in attacks]
-    answers = generate_wave(policy, tokenizer, [RolloutRequest(t, defender, sampling) for t in turns], settings)
+    answers = generate_wave(policy, tokenizer, [RolloutRequest(t, defender, sampling) for t in turns], settings,
+                            engine)
     replies = [turn_answer(o.text, reasoning)[0] for o in answers]
     labels = judge.classify([query for query, _ in attacks], replies)
     kl, kl_tokens = role_kl(policy, [(t, o.token_ids) for t, o in zip(turns, answers, strict=True)], defender,

@@ -3,6 +3,8 @@ cross-play and exploitability runs, so all of them load a model the same way).""
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -11,7 +13,8 @@ import torch
 from abs_fast.game import HeuristicJudge, Judge, WildGuardJudge
 from abs_fast.train.config import TrainConfig
 
-__all__ = ["load_judge", "load_policy_for", "load_tokenizer_for", "stop_token_ids", "target_modules_of"]
+__all__ = ["load_judge", "load_policy_for", "load_tokenizer_for", "sglang_engine_for", "stop_token_ids",
+           "target_modules_of"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,3 +73,32 @@ def load_judge(config: TrainConfig, device: str | None = None) -> Judge:
 def stop_token_ids(tokenizer, policy) -> tuple[int, ...]:
     """Ids that end a turn: the tokenizer's EOS and the model's generation_config EOS ids."""
     return tuple(sorted(i for i in {tokenizer.eos_token_id, *policy.config.eos_token_ids} if i is not None))
+
+
+def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], log_path: str | Path,
+                      log: Callable[[str], None], rank: int = 0, gpu: int | None = None, owner: bool = True,
+                      name_tag: str | None = None, version_swaps: bool = True):
+    """The SGLangEngine `config` asks for: attached to sglang_url (keys from SGLANG_API_KEY and
+    SGLANG_ADMIN_API_KEY; `owner` False: another rank pushes the adapters under `name_tag`), else a
+    server launched on 127.0.0.1 (on `gpu`) with room for `adapters`, the base and, with
+    `version_swaps`, one new version of each. Build it before the policy: the server sizes its
+    memory pool from what is free when it starts."""
+    from abs_fast.model import resolve_target_modules
+    from abs_fast.rollout.sglang import ServerSettings, SGLangEngine
+
+    common = dict(tokenizer=tokenizer, request_timeout=config.sglang_request_timeout,
+                  adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None, log=log)
+    if config.sglang_url:
+        return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
+                            push_adapters=owner, name_tag=name_tag, api_key=os.environ.get("SGLANG_API_KEY"),
+                            admin_api_key=os.environ.get("SGLANG_ADMIN_API_KEY"), **common)
+    adapters = tuple(dict.fromkeys(adapters))
+    slots = None if version_swaps else len(adapters) + 1  # None: each adapter, its next version and the base
+    settings = ServerSettings(model_path=config.model, tokenizer_path=config.tokenizer or None,
+                              max_lora_rank=config.lora_rank,
+                              lora_target_modules=resolve_target_modules(target_modules_of(config)),
+                              adapters=adapters, max_loras_per_batch=slots, dtype=config.dtype,
+                              seed=config.seed + rank, extra_args=tuple(shlex.split(config.sglang_args)), gpu=gpu,
+                              startup_timeout=config.sglang_startup_timeout, log_path=str(log_path))
+    log(f"starting the SGLang server (log: {log_path})")
+    return SGLangEngine(settings=settings, **common)

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import resource
-import shlex
 import sys
 import time
 import uuid
@@ -36,7 +35,7 @@ from abs_fast.game import (
 )
 from abs_fast.io import atomic_write_text
 from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
-from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, stop_token_ids, target_modules_of
+from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from abs_fast.train.config import TrainConfig
 from abs_fast.train.distributed import init_distributed
@@ -178,27 +177,14 @@ class Trainer:
     # --- construction ----------------------------------------------------------------------
 
     def _sglang_engine(self):
-        from abs_fast.model import resolve_target_modules
-        from abs_fast.rollout.sglang import ServerSettings, SGLangEngine
-
         config, collective = self.config, self.collective
-        common = dict(tokenizer=self.tokenizer, request_timeout=config.sglang_request_timeout,
-                      adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None, log=self.log)
-        if config.sglang_url:  # one fleet for every rank: rank 0 pushes the adapters, the others use its names
-            tag = collective.broadcast(uuid.uuid4().hex[:8])
-            return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
-                                push_adapters=collective.is_main, name_tag=tag, **common)
-        adapters = tuple(dict.fromkeys([*self.trained_adapters, *(["defender"] if config.frozen_defender else [])]))
+        # one fleet for every rank (sglang_url): rank 0 pushes the adapters, the others use its names
+        tag = collective.broadcast(uuid.uuid4().hex[:8]) if config.sglang_url else None
         gpu = collective.local_rank if collective.enabled and (self.rank_device or "").startswith("cuda") else None
-        settings = ServerSettings(model_path=config.model, tokenizer_path=config.tokenizer or None,
-                                  max_lora_rank=config.lora_rank,
-                                  lora_target_modules=resolve_target_modules(target_modules_of(config)),
-                                  adapters=adapters, dtype=config.dtype, seed=config.seed + collective.rank,
-                                  extra_args=tuple(shlex.split(config.sglang_args)), gpu=gpu,
-                                  startup_timeout=config.sglang_startup_timeout,
-                                  log_path=str(self.run_dir / f"sglang-server-rank{collective.rank}.log"))
-        self.log(f"starting the SGLang server (log: {settings.log_path})")
-        return SGLangEngine(settings=settings, **common)
+        adapters = [*self.trained_adapters, *(["defender"] if config.frozen_defender else [])]
+        log_path = self.run_dir / f"sglang-server-rank{collective.rank}.log"
+        return sglang_engine_for(config, self.tokenizer, adapters, log_path, self.log, rank=collective.rank, gpu=gpu,
+                                 owner=collective.is_main, name_tag=tag)
 
     def _push_adapters(self, names: tuple[str, ...]) -> float:
         """Make the engine sample from the policy's current `names`; returns the seconds it took."""
