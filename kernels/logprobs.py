@@ -26,8 +26,10 @@ import triton.language as tl
 
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv, stride_wk,
-                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    """hidden[offs_t] @ W[offs_v]^T as a [BLOCK_T, BLOCK_V] fp32 tile (masked rows and columns are 0)."""
+                BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """hidden[offs_t] @ W[offs_v]^T as a [BLOCK_T, BLOCK_V] fp32 tile (masked rows and columns are 0).
+    IEEE: exact fp32 products (fp32 models without tf32); else tl.dot's default, which rounds fp32
+    inputs to tf32 on tensor cores (bf16/fp16 inputs are exact either way)."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -36,7 +38,10 @@ def _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stri
                     mask=t_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptr + offs_v[:, None] * stride_wv + (k0 + offs_k)[None, :] * stride_wk,
                     mask=v_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = tl.dot(h, tl.trans(w), acc)
+        if IEEE:
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
     return acc
 
 
@@ -47,6 +52,7 @@ def token_stats_kernel(
     T, V, K, inv_temperature,
     stride_ht, stride_hk, stride_wv, stride_wk,
     V_PER_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
@@ -63,7 +69,7 @@ def token_stats_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         logits = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv,
-                             stride_wk, BLOCK_T, BLOCK_V, BLOCK_K) * inv_temperature
+                             stride_wk, BLOCK_T, BLOCK_V, BLOCK_K, IEEE) * inv_temperature
         valid = v_mask[None, :]
         masked = tl.where(valid, logits, float("-inf"))
         m_new = tl.maximum(m, tl.max(masked, axis=1))
@@ -89,7 +95,7 @@ def token_grad_chunk_kernel(
     T, V, K, v0, inv_temperature,
     stride_ht, stride_hk, stride_wv, stride_wk, stride_gt, stride_gv,
     V_CHUNK: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     """g[t, j] for vocabulary entries v0 + j, j < V_CHUNK (columns past V are written as 0)."""
     pid_t = tl.program_id(0)
@@ -101,7 +107,7 @@ def token_grad_chunk_kernel(
     j_mask = offs_j < V_CHUNK
     v_mask = (offs_v < V) & j_mask
     logits = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv,
-                         stride_wk, BLOCK_T, BLOCK_V, BLOCK_K) * inv_temperature
+                         stride_wk, BLOCK_T, BLOCK_V, BLOCK_K, IEEE) * inv_temperature
     lse = tl.load(lse_ptr + offs_t, mask=t_mask, other=0.0)
     dlogp = tl.load(dlogp_ptr + offs_t, mask=t_mask, other=0.0)
     targets = tl.load(target_ptr + offs_t, mask=t_mask, other=-1)

@@ -23,6 +23,7 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from abs_fast.kernels import logprobs as k_logprobs
     from abs_fast.kernels import lora as k
     from abs_fast.kernels import nf4 as k_nf4
 
@@ -31,9 +32,10 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
         for i, name in enumerate(fn.arg_names):
             if name in constexprs:
                 signature[name] = "constexpr"
-            elif name in pointer_types:
+            elif name in pointer_types:  # pointers, and the few float scalars
                 signature[name] = pointer_types[name]
-                attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
+                if pointer_types[name].startswith("*"):
+                    attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are aligned
             else:
                 signature[name] = "i32"
                 if name.startswith("stride") or name in ("N", "K", "D"):
@@ -95,8 +97,21 @@ COMPILE_SCRIPT = textwrap.dedent(r"""
                     "seg_start_ptr": "*i32", "seg_count_ptr": "*i32"},
                    dict(BLOCK_M=128, BLOCK_R=16, BLOCK_D=64, LORA_PRECISION=precision, stride_lr=1, stride_rd=1,
                         stride_od=1), arch, num_warps=4, num_stages=2)
+    # token log-probs: the launch configuration of ops/logprobs.py on a GPU (4 warps, 3 stages, the JIT's defaults)
+    logprob_ptrs = {"h_ptr": act, "w_ptr": act, "target_ptr": "*i64", "inv_temperature": "fp32"}
+    stats = compile_kernel(k_logprobs.token_stats_kernel,
+                           {**logprob_ptrs, "max_ptr": "*fp32", "sumexp_ptr": "*fp32", "sumexp_logit_ptr": "*fp32",
+                            "target_logit_ptr": "*fp32"},
+                           dict(V_PER_SPLIT=1280, BLOCK_T=64, BLOCK_V=128, BLOCK_K=64, IEEE=dtype == "fp32",
+                                stride_hk=1, stride_wk=1),
+                           arch, num_warps=4)
+    grads = compile_kernel(k_logprobs.token_grad_chunk_kernel,
+                           {**logprob_ptrs, "lse_ptr": "*fp32", "entropy_ptr": "*fp32", "dlogp_ptr": "*fp32",
+                            "dentropy_ptr": "*fp32", "g_ptr": "*fp32" if dtype == "fp32" else act},
+                           dict(V_CHUNK=8192, HAS_ENTROPY=True, BLOCK_T=64, BLOCK_V=128, BLOCK_K=64,
+                                IEEE=dtype == "fp32", stride_hk=1, stride_wk=1, stride_gv=1), arch, num_warps=4)
     for name, kernel in (("fwd", fwd), ("bwd", bwd), ("base_only", base_only), ("nf4_fwd", nf4_fwd),
-                         ("nf4_bwd", nf4_bwd)):
+                         ("nf4_bwd", nf4_bwd), ("logprob_stats", stats), ("logprob_grad", grads)):
         report[name] = {"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared}
     print(json.dumps({name: {"async": r["ptx"].count("cp.async"),
                              "mma": len(re.findall(r"\b(?:wgmma|mma)\.", r["ptx"])),
@@ -127,6 +142,8 @@ def test_kernels_compile_for_gpu_targets(arch, dtype):
 
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for name, stats in report.items():
-        if dtype == "bf16":  # fp32 models use exact (FMA) products by design
+        if dtype == "bf16":
             assert stats["mma"] > 0, f"{name}: no tensor-core instructions for sm_{arch} {dtype}"
+        else:  # fp32 models (tf32 off, torch's default) get exact FMA products, not tf32 tensor-core ones
+            assert stats["mma"] == 0, f"{name}: fp32 products on tensor cores (tf32 rounding) for sm_{arch}"
         assert stats["async"] > 0, f"{name}: the K loop is not pipelined (no asynchronous copies) on sm_{arch}"

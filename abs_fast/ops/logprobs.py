@@ -68,6 +68,11 @@ def _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk):
     return m + torch.log(s), tgt, torch.log(s) - e / s
 
 
+def _exact_fp32(hidden: torch.Tensor) -> bool:
+    """fp32 logits with exact products unless torch itself allows tf32 matmuls (as the PyTorch path does)."""
+    return hidden.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
 def _stats_triton(hidden, weight, safe_targets, inv_temperature):
     from abs_fast.kernels import logprobs as k
 
@@ -89,7 +94,7 @@ def _stats_triton(hidden, weight, safe_targets, inv_temperature):
         hidden, weight, safe_targets, stats[0], stats[1], stats[2], stats[3],
         T, V, K, inv_temperature,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        V_PER_SPLIT=v_per_split, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k,
+        V_PER_SPLIT=v_per_split, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k, IEEE=_exact_fp32(hidden),
     )
     m, s, e, tgt = stats  # per split; e is sum p * (logit - m) with the split's own m
     m_all = m.amax(dim=0)
@@ -114,6 +119,7 @@ def _grad_chunk_triton(hidden, weight, safe_targets, lse, entropy, dlogp, dent, 
         T, weight.shape[0], K, v0, inv_temperature,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
         V_CHUNK=chunk, HAS_ENTROPY=has_entropy, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k,
+        IEEE=_exact_fp32(hidden),
     )
     return g
 
