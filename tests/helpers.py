@@ -9,10 +9,11 @@ import torch
 FP32_REL = 1e-5
 
 
-def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str) -> None:
-    """max |actual - expected| <= rel * max |expected| (elementwise-relative checks flake on values
-    that are small only because their terms cancelled)."""
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str, floor: float = 0.0) -> None:
+    """max |actual - expected| <= rel * max(max |expected|, floor) (elementwise-relative checks flake
+    on values that are small only because their terms cancelled). floor: the magnitude of the terms
+    the values are computed from, for results that can all be small through cancellation."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor)
     err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
     assert err <= rel * max(scale, 1e-30), f"{what}: max error {err:.3e} > {rel:.1e} * {scale:.3e}"
