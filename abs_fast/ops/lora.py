@@ -256,6 +256,12 @@ def _lora_precision(dtype: torch.dtype) -> str:
 
 _autotuned = {}
 
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) the fused matmul is autotuned over on a GPU. The
+# autotuner skips a configuration whose shared memory exceeds the device's (consumer Ampere/Ada
+# cards have 99 KB per block); tests/test_kernels_compile.py checks that some fit there.
+FUSED_MATMUL_CONFIGS = ((128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4),
+                        (64, 32, 4, 5))
+
 
 def _fused_matmul_kernel():
     """The fused matmul kernel: plain under the interpreter, autotuned on a GPU."""
@@ -266,11 +272,8 @@ def _fused_matmul_kernel():
     if "fused" not in _autotuned:
         import triton
 
-        configs = [
-            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4),
-                                 (128, 64, 4, 4), (64, 32, 4, 5)]
-        ]
+        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                   for bn, bk, w, s in FUSED_MATMUL_CONFIGS]
         _autotuned["fused"] = triton.autotune(configs, key=["N", "K", "BLOCK_M", "HAS_LORA", "W_NF4"])(
             k.lora_fused_matmul_kernel)
     return _autotuned["fused"]
