@@ -4,10 +4,12 @@ SGLang with rollout_engine=sglang), write the result files."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from abs_fast.evaluate.crossplay import crossplay, crossplay_markdown, write_crossplay
 from abs_fast.evaluate.evaluation import EvalSettings, attacker_probe, eval_markdown, evaluate_policy, write_eval
@@ -43,20 +45,35 @@ def _seeds(specs: Sequence[str], limit: int | None, seed: int) -> list:
     return SeedStream(seeds, seed).take(min(limit, len(seeds)) if limit else len(seeds))
 
 
-def _sglang_engine(config: TrainConfig, tokenizer, paths: dict[str, Path | None], output: str | Path, log: Log):
-    """An SGLang engine (launched, or attached to sglang_url) when the config asks for one, else None.
-    Built before the policy loads: a launched server sizes its memory pool from what is free."""
-    if config.rollout_engine != "sglang":
-        return None
-    adapters = [key for key, path in paths.items() if path is not None]
-    return sglang_engine_for(config, tokenizer, adapters, Path(output) / "sglang-server.log", log,
-                             version_swaps=False)
+class _Loaded(NamedTuple):
+    tokenizer: object
+    engine: object | None  # an SGLangEngine serving `policy`'s adapters; None = the embedded engine
+    policy: object
+    names: dict[str, str | None]  # path key -> adapter name in `policy` (None = the base)
+    judge: object
 
 
-def _serve_adapters(engine, policy) -> None:
-    """Push every adapter the policy holds to the SGLang engine (nothing to do for the embedded one)."""
-    if engine is not None and policy.adapter_names:
-        engine.update_adapters(policy)
+@contextlib.contextmanager
+def _loaded(config: TrainConfig, paths: dict[str, Path | None], output: str | Path, log: Log) -> Iterator[_Loaded]:
+    """Everything an evaluation runs on: the tokenizer; with rollout_engine=sglang an SGLang engine
+    (started before the policy, since a launched server sizes its memory pool from what is free; its
+    log is OUTPUT/sglang-server.log); the base with the adapters of `paths`, pushed to that engine;
+    the judge. A server started here stops on exit."""
+    tokenizer = load_tokenizer_for(config)
+    engine = None
+    if config.rollout_engine == "sglang":
+        adapters = [key for key, path in paths.items() if path is not None]
+        engine = sglang_engine_for(config, tokenizer, adapters, Path(output) / "sglang-server.log", log,
+                                   version_swaps=False)
+    try:
+        policy = load_policy_for(config, log=log)
+        names = load_role_adapters(policy, paths)
+        if engine is not None and policy.adapter_names:
+            engine.update_adapters(policy)
+        yield _Loaded(tokenizer, engine, policy, names, load_judge(config))
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool = False, model: str | None = None,
@@ -83,29 +100,20 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
         else:
             output = str(Path("eval") / ("base" if base_only or not policy else Path(policy).name))
     log(f"eval: loading {config.model} ({config.quantize}) with defender {paths['defender'] or 'none (base)'}")
-    tokenizer = load_tokenizer_for(config)
-    engine = _sglang_engine(config, tokenizer, paths, output, log)
-    try:
-        model_policy = load_policy_for(config, log=log)
-        names = load_role_adapters(model_policy, paths)
-        _serve_adapters(engine, model_policy)
-        judge = load_judge(config)
-        stops = stop_token_ids(tokenizer, model_policy)
-        settings = _settings(config, max_new_tokens, temperature, attack_samples, progress)
-        results, records = evaluate_policy(model_policy, tokenizer, judge, suites, names["defender"], stops,
-                                           settings, log=log, engine=engine)
+    settings = _settings(config, max_new_tokens, temperature, attack_samples, progress)
+    with _loaded(config, paths, output, log) as m:
+        stops = stop_token_ids(m.tokenizer, m.policy)
+        results, records = evaluate_policy(m.policy, m.tokenizer, m.judge, suites, m.names["defender"], stops,
+                                           settings, log=log, engine=m.engine)
         results = {"policy": str(policy) + (" (base only)" if base_only else "") if policy else
                    f"{config.model} (base)", "model": config.model, "judge": config.judge,
                    "engine": config.rollout_engine, **results}
         probe_records: list[dict] = []
         if paths["attacker"] is not None:
             seeds = _seeds(list(attack_seeds) or config.seeds, attack_samples, config.seed)
-            results["attacker_probe"], probe_records = attacker_probe(model_policy, tokenizer, judge, seeds,
-                                                                      names["attacker"], names["defender"], stops,
-                                                                      settings, log=log, engine=engine)
-    finally:
-        if engine is not None:
-            engine.close()
+            results["attacker_probe"], probe_records = attacker_probe(m.policy, m.tokenizer, m.judge, seeds,
+                                                                      m.names["attacker"], m.names["defender"],
+                                                                      stops, settings, log=log, engine=m.engine)
     written = write_eval(results, records, output)
     if probe_records:
         atomic_write_text(Path(output) / "attacks.jsonl", "".join(json.dumps(r) + "\n" for r in probe_records))
@@ -140,21 +148,12 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
             paths[key] = None if spec == "base" else role_adapter(spec, role)
             labels[role].append((key, _label(spec, taken)))
     log(f"cross-play: loading {config.model} with {sum(p is not None for p in paths.values())} adapter(s)")
-    tokenizer = load_tokenizer_for(config)
-    engine = _sglang_engine(config, tokenizer, paths, output, log)
-    try:
-        model_policy = load_policy_for(config, log=log)
-        names = load_role_adapters(model_policy, paths)
-        _serve_adapters(engine, model_policy)
-        judge = load_judge(config)
-        settings = _settings(config, max_new_tokens, temperature, progress=progress)
-        results, records = crossplay(model_policy, tokenizer, judge,
-                                     [(label, names[k]) for k, label in labels["attacker"]],
-                                     [(label, names[k]) for k, label in labels["defender"]], seeds,
-                                     stop_token_ids(tokenizer, model_policy), settings, log=log, engine=engine)
-    finally:
-        if engine is not None:
-            engine.close()
+    settings = _settings(config, max_new_tokens, temperature, progress=progress)
+    with _loaded(config, paths, output, log) as m:
+        results, records = crossplay(m.policy, m.tokenizer, m.judge,
+                                     [(label, m.names[k]) for k, label in labels["attacker"]],
+                                     [(label, m.names[k]) for k, label in labels["defender"]], seeds,
+                                     stop_token_ids(m.tokenizer, m.policy), settings, log=log, engine=m.engine)
     results.update({"model": config.model, "judge": config.judge, "engine": config.rollout_engine,
                     "attacker_paths": list(attackers), "defender_paths": list(defenders)})
     written = write_crossplay(results, records, output)
