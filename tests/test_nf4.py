@@ -21,38 +21,37 @@ def unpack(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return codes[:numel].long()
 
 
-def assert_only_near_ties_differ(ours: torch.Tensor, theirs: torch.Tensor, scaled: torch.Tensor,
-                                 code: torch.Tensor, what: str, max_fraction: float) -> int:
-    """Differing code indices must be neighbours with the value within 2% of a code gap of their
-    midpoint (a near-tie that another nearest-code search may resolve the other way); count them."""
-    differ = (ours != theirs).nonzero().flatten()
-    assert differ.numel() <= max_fraction * ours.numel(), f"{what}: {differ.numel()} of {ours.numel()} differ"
-    for i in differ.tolist():
-        a, b = int(ours[i]), int(theirs[i])
-        assert abs(a - b) == 1, f"{what}[{i}]: codes {a} and {b} are not neighbours"
-        lo, hi = sorted((a, b))
-        gap = float(code[hi] - code[lo])
-        midpoint = float(code[lo] + code[hi]) / 2
-        assert abs(float(scaled[i]) - midpoint) <= 0.02 * gap, f"{what}[{i}]: {float(scaled[i])} is no near-tie"
-    return differ.numel()
+def assert_same_quantization(ours: NF4Weight, packed: torch.Tensor, state, what: str) -> None:
+    """Every byte and statistic bitsandbytes wrote, bit for bit."""
+    assert torch.equal(ours.packed, packed.reshape(-1)), f"{what}: packed codes differ"
+    if state.nested:
+        assert torch.equal(ours.absmax, state.absmax), f"{what}: nested absmax codes differ"
+        assert torch.equal(ours.nested_absmax, state.state2.absmax), f"{what}: nested scales differ"
+        assert torch.equal(ours.nested_offset, state.offset), f"{what}: offset differs"
+        assert torch.equal(ours.nested_code, state.state2.code), f"{what}: dynamic code differs"
+    else:
+        assert torch.equal(ours.absmax, state.absmax), f"{what}: absmax differs"
 
 
-def assert_ours_is_nearest(ours: torch.Tensor, theirs: torch.Tensor, scaled: torch.Tensor, code: torch.Tensor,
-                           what: str, max_fraction: float) -> int:
-    """Where the codes differ, ours must be at least as close to the value as theirs. The count is
-    bounded by a fraction of the codes, with a floor of 4 for small tensors."""
-    differ = (ours != theirs).nonzero().flatten()
-    limit = max(4, max_fraction * ours.numel())
-    assert differ.numel() <= limit, f"{what}: {differ.numel()} of {ours.numel()} differ"
-    ours_err = (scaled[differ] - code[ours[differ]]).abs()
-    theirs_err = (scaled[differ] - code[theirs[differ]]).abs()
-    assert torch.all(ours_err <= theirs_err), f"{what}: a differing code of ours is farther from the value"
-    return differ.numel()
-
-
-def test_code_tables_are_bitsandbytes():
-    assert torch.equal(NF4_CODE, bnb_functional.get_4bit_type("nf4", device="cpu"))
-    assert torch.equal(dynamic_code(), bnb_functional.create_dynamic_map(signed=True))
+def test_quantize_is_bit_identical_to_bitsandbytes_on_random_shapes(rng_seed):
+    """120 random shapes (ragged blocks, odd element counts, thousands of blocks so that nested
+    blocks of 256 are partial too), every dtype, blocksize 32..256, with and without double
+    quantisation: the same bytes as bitsandbytes' quantize_4bit."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    for case in range(120):
+        rows = int(torch.randint(1, 400, (), generator=gen))
+        cols = int(torch.randint(1, 300, (), generator=gen))
+        dtype = DTYPES[case % 3]
+        blocksize = (32, 64, 128, 256)[int(torch.randint(0, 4, (), generator=gen))]
+        double_quant = bool(case % 2)
+        scale = torch.rand(rows, 1, generator=gen) * 3 + torch.rand((), generator=gen) * 1e-3
+        w = (torch.randn(rows, cols, generator=gen) * scale).to(dtype)
+        ours = NF4Weight.quantize(w, blocksize=blocksize, double_quant=double_quant)
+        packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                                     quant_type="nf4")
+        assert ours.shape == w.shape and ours.dtype == dtype and ours.blocksize == blocksize
+        assert_same_quantization(ours, packed, state, f"case {case}: {rows}x{cols} {dtype} bs={blocksize} "
+                                                      f"dq={double_quant}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -65,34 +64,19 @@ def test_quantize_matches_bitsandbytes(shape, blocksize, double_quant, dtype, rn
     ours = NF4Weight.quantize(w, blocksize=blocksize, double_quant=double_quant)
     packed, state = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
                                                  quant_type="nf4")
-    assert ours.shape == w.shape and ours.dtype == dtype and ours.blocksize == blocksize
     assert ours.packed.shape == (packed.numel(),) and ours.packed.dtype == torch.uint8
+    assert_same_quantization(ours, packed, state, f"{shape} {dtype}")
 
-    # 4-bit codes: same bytes (ties, if any, counted and bounded)
-    plain = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=False, quant_type="nf4")[1]
-    raw_absmax = plain.absmax
-    flat = w.float().reshape(-1)
-    scaled = flat / raw_absmax.repeat_interleave(blocksize)[: flat.numel()]
-    assert_only_near_ties_differ(unpack(ours.packed, w.numel()), unpack(packed, w.numel()), scaled, NF4_CODE,
-                                 "nf4 codes", max_fraction=1e-3)
-    assert ours.packed[-1] == packed.reshape(-1)[-1], "padding nibble differs"
 
-    if not double_quant:
-        assert torch.equal(ours.absmax, state.absmax)
-        return
-    assert torch.equal(ours.nested_offset, state.offset)
-    assert torch.equal(ours.nested_absmax, state.state2.absmax)
-    assert torch.equal(ours.nested_code, state.state2.code)
-    # bitsandbytes' compiled CPU blockwise quantiser is not an exact nearest-code search (measured
-    # over 1.2M values: 0.15% of its codes differ from the nearest, a few by more than one step);
-    # ours is exact, so where the nested codes differ ours must be the closer one.
-    # a nested block whose scales are all equal has nested absmax 0: any code decodes to the offset
-    centered = raw_absmax - state.offset
-    nested_absmax = state.state2.absmax.repeat_interleave(256)[: centered.numel()]
-    live = nested_absmax > 0
-    assert_ours_is_nearest(ours.absmax[live].long(), state.absmax[live].long(), centered[live] / nested_absmax[live],
-                           dynamic_code(), "nested absmax codes", max_fraction=0.02)
-    assert torch.equal(ours.block_absmax()[~live], raw_absmax[~live])
+def test_a_zero_tail_block_is_stored_as_bitsandbytes_stores_it():
+    """A trailing partial block of zeros: bitsandbytes stores its absmax as 1e-38, not 0."""
+    w = torch.randn(3, 50)
+    w[-1, 14:] = 0  # 150 elements: the last block (128..149) is all zero
+    for double_quant in (False, True):
+        ours = NF4Weight.quantize(w, blocksize=64, double_quant=double_quant)
+        packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=double_quant,
+                                                     quant_type="nf4")
+        assert_same_quantization(ours, packed, state, f"zero tail dq={double_quant}")
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
@@ -107,12 +91,7 @@ def test_degenerate_blocks_match_bitsandbytes(double_quant, rng_seed):
         ours = NF4Weight.quantize(weight, blocksize=64, double_quant=double_quant)
         packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
                                                      quant_type="nf4")
-        assert torch.equal(ours.packed, packed.reshape(-1))
-        if double_quant:
-            assert torch.equal(ours.nested_absmax, state.state2.absmax)
-            assert torch.equal(ours.nested_offset, state.offset)
-        else:
-            assert torch.equal(ours.absmax, state.absmax)
+        assert_same_quantization(ours, packed, state, f"degenerate dq={double_quant}")
         assert torch.equal(ours.dequantize(torch.float32), bnb_functional.dequantize_4bit(packed, state))
 
 
@@ -161,10 +140,13 @@ def test_round_trip_error_is_within_half_a_code_gap(shape, rng_seed):
     half_gap = ((NF4_CODE[1:] - NF4_CODE[:-1]).max() / 2).item()  # the widest gap: (1 - 0.7230) / 2
     bound = half_gap * q.absmax.repeat_interleave(64)[: w.numel()] * (1 + 1e-6)
     assert torch.all(err <= bound)
-    # nested absmax: off by at most half the widest dynamic-code gap times its 256-block scale
+    # nested absmax: off by at most half the widest dynamic-code gap, plus the spacing of the 65536
+    # points bitsandbytes rounds through (its table is not an exact nearest-code search), times the
+    # 256-block scale
     dq = NF4Weight.quantize(w, blocksize=64, double_quant=True)
     code2 = dynamic_code()
-    nested_bound = ((code2[1:] - code2[:-1]).max() / 2) * dq.nested_absmax.repeat_interleave(256)[: q.absmax.numel()]
+    step = ((code2[1:] - code2[:-1]).max() / 2) + 2 / 65535
+    nested_bound = step * dq.nested_absmax.repeat_interleave(256)[: q.absmax.numel()]
     assert torch.all((dq.block_absmax() - q.absmax).abs() <= nested_bound * (1 + 1e-5) + 1e-7)
 
 

@@ -1,4 +1,4 @@
-"""Quantised frozen weights: NF4, bit-compatible with bitsandbytes."""
+"""Quantised frozen weights: NF4 in bitsandbytes' format, quantised bit-identically to it (CPU)."""
 
 from abs_fast.quant.nf4 import NF4_CODE, NF4Weight, dynamic_code
 

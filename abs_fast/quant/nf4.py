@@ -1,4 +1,4 @@
-"""NF4 weights, bit-compatible with bitsandbytes' `quantize_4bit(quant_type="nf4")`.
+"""NF4 weights in bitsandbytes' format, quantised bit-identically to its `quantize_4bit(quant_type="nf4")`.
 
 Format (KERNELS.md): the weight is flattened row-major and cut into blocks of `blocksize` elements.
 Each block stores one absmax, and each element stores the index (4 bits) of the NF4 code value
@@ -7,9 +7,16 @@ nibble. With double quantisation (bitsandbytes' `compress_statistics=True`), the
 their mean are themselves quantised in blocks of 256, to 8-bit indices into bitsandbytes' signed
 dynamic code, with one fp32 scale per 256 blocks.
 
-The arithmetic below follows bitsandbytes' rounding where it decides the bits: full blocks are
-scaled by the reciprocal of their absmax, a trailing partial block is divided by its own absmax,
-values are clamped to [-1, 1], and a value exactly half-way between two codes takes the lower one.
+The arithmetic below is bitsandbytes' (0.50) own, so the bytes are identical to what it writes on
+CPU. 4-bit codes: full blocks are scaled by the reciprocal of their absmax, a trailing partial block
+is divided by its own absmax (stored as at least 1e-38), values are clamped to [-1, 1] and rounded to
+the nearest code (a value exactly half-way takes the lower one). Nested absmax codes: bitsandbytes'
+CPU blockwise quantiser scales by the reciprocal of each 256-block's absmax and reads the code from
+a table of 65536 evenly spaced points of [-1, 1] (`_dynamic_lut`), which is not always the nearest
+code; an all-equal block (nested absmax 0) stores code 0. bitsandbytes' CUDA quantiser uses a
+binary search instead and can round a few nested codes differently: bytes it wrote on a GPU load
+exactly (`from_bnb`, pre-quantised checkpoints), but re-quantising on a GPU with bitsandbytes is
+not guaranteed to reproduce ours.
 """
 
 from __future__ import annotations
@@ -62,15 +69,12 @@ def _midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
-def _nonzero(absmax: torch.Tensor) -> torch.Tensor:
-    return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-
-
-def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-code indices (int64) and per-block absmax (fp32) of a flat tensor, chunk by chunk."""
+def _quantize_nf4_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest NF4 code indices (uint8) and per-block absmax (fp32) of a flat tensor, chunk by chunk,
+    as bitsandbytes' `quantize_4bit` computes them."""
     n = flat.numel()
     n_full = n - n % blocksize
-    bounds = _midpoints(code.to(flat.device))
+    bounds = _midpoints(NF4_CODE.to(flat.device))
     indices = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
     chunk = _CHUNK_BLOCKS * blocksize
@@ -78,16 +82,46 @@ def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> 
         stop = min(start + chunk, n_full)
         blocks = flat[start:stop].float().view(-1, blocksize)
         block_absmax = blocks.abs().amax(dim=1)
-        # an all-zero block keeps absmax 0 (as bitsandbytes stores it); its values scale by 1 to 0
-        scaled = torch.clamp(blocks * (1.0 / _nonzero(block_absmax))[:, None], -1, 1)
+        # an all-zero full block keeps absmax 0 (as bitsandbytes stores it); its values scale to 0
+        scaled = torch.clamp(blocks * (1.0 / block_absmax.clamp(min=_TINY))[:, None], -1, 1)
         indices[start:stop] = torch.bucketize(scaled.reshape(-1), bounds).to(torch.uint8)
         absmax[start // blocksize: stop // blocksize] = block_absmax
     if n_full < n:
         tail = flat[n_full:].float()
-        tail_absmax = tail.abs().amax()
-        indices[n_full:] = torch.bucketize(torch.clamp(tail / _nonzero(tail_absmax), -1, 1), bounds).to(torch.uint8)
+        tail_absmax = tail.abs().amax().clamp(min=_TINY)  # bitsandbytes stores a zero tail's absmax as 1e-38
+        indices[n_full:] = torch.bucketize(torch.clamp(tail / tail_absmax, -1, 1), bounds).to(torch.uint8)
         absmax[-1] = tail_absmax
     return indices, absmax
+
+
+_TINY = 1e-38
+_LUT_SIZE = 65536
+
+
+@functools.cache
+def _dynamic_lut(device: torch.device) -> torch.Tensor:
+    """bitsandbytes' CPU lookup table for its dynamic code: entry i holds the code nearest to
+    -1 + 2i / 65535 (the count of code midpoints below that point), all in fp32 as it computes them."""
+    code = _dynamic_code_cpu()
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    points = -1.0 + (2.0 * torch.arange(_LUT_SIZE, dtype=torch.float32)) / (_LUT_SIZE - 1)
+    return torch.searchsorted(midpoints, points, side="left").to(torch.uint8).to(device)
+
+
+def _quantize_dynamic_blocks(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic-code indices (uint8) and fp32 absmax per block of NESTED_BLOCKSIZE values, as
+    bitsandbytes' CPU `quantize_blockwise` computes them (see the module docstring)."""
+    n = flat.numel()
+    blocks = -(-n // NESTED_BLOCKSIZE)
+    padded = torch.zeros(blocks * NESTED_BLOCKSIZE, dtype=torch.float32, device=flat.device)
+    padded[:n] = flat
+    padded = padded.view(blocks, NESTED_BLOCKSIZE)
+    absmax = padded.abs().amax(dim=1)
+    scaled = torch.clamp(padded * (1.0 / absmax.clamp(min=_TINY))[:, None], -1, 1)
+    slots = (((scaled + 1.0) * 0.5) * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)  # truncation, as a C cast
+    indices = _dynamic_lut(flat.device)[slots]
+    indices = torch.where((absmax > 0)[:, None], indices, torch.zeros_like(indices))
+    return indices.reshape(-1)[:n], absmax
 
 
 def _expand_blocks(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -140,7 +174,7 @@ class NF4Weight:
             raise ValueError("cannot quantise an empty weight")
         with torch.no_grad():
             flat = w.detach().reshape(-1)
-            indices, absmax = _quantize_blocks(flat, blocksize, NF4_CODE)
+            indices, absmax = _quantize_nf4_blocks(flat, blocksize)
             if indices.numel() % 2:
                 indices = torch.cat([indices, indices.new_full((1,), NF4_ZERO_INDEX)])
             packed = (indices[0::2] << 4) | indices[1::2]
@@ -148,7 +182,7 @@ class NF4Weight:
                 return cls(packed, absmax, w.shape, w.dtype, blocksize)
             offset = absmax.mean()
             code2 = _dynamic_code_cpu().to(w.device, copy=True)
-            absmax_q, absmax2 = _quantize_blocks(absmax - offset, NESTED_BLOCKSIZE, code2)
+            absmax_q, absmax2 = _quantize_dynamic_blocks(absmax - offset)
             return cls(packed, absmax_q, w.shape, w.dtype, blocksize, absmax2, offset, code2)
 
     def block_absmax(self) -> torch.Tensor:
