@@ -10,9 +10,10 @@ THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<an
 
 
 class FormatCheck(NamedTuple):
-    """reasoning: the text before `</think>` (None when there is none); answer: the text passed on
-    (the `<answer>` content, or on a violation where it cannot be extracted, the whole response);
-    violated: whether any format rule is broken."""
+    """reasoning: the text before `</think>` (None when there is none); answer: the text passed on:
+    the content of the first `<answer>...</answer>` pair, stripped, even when a rule is broken and
+    even when it is empty (as upstream Self-RedTeam passes it on); the whole response,
+    stripped, only when there is no such pair; violated: whether any format rule is broken."""
 
     reasoning: str | None
     answer: str
@@ -50,14 +51,14 @@ def check_format(text: str) -> FormatCheck:
             or not reasoning
             or not answer
         )
-    if violated and not answer:
+    if answer is None:  # no <answer>...</answer> pair to pass on (then the format is violated)
         answer = text.strip()
     return FormatCheck(reasoning, answer, violated)
 
 
 def turn_answer(text: str, reasoning: bool) -> tuple[str, bool | None]:
-    """(the answer a turn passes on, format violated): the <answer> part with the reasoning format,
-    the whole stripped text (and None) without it."""
+    """(the answer a turn passes on, format violated): the <answer> part with the reasoning format
+    (see FormatCheck), the whole stripped text (and None) without it."""
     if not reasoning:
         return text.strip(), None
     _, answer, violated = check_format(text)

@@ -75,9 +75,11 @@ class WildGuardJudge:
 
     engine/tokenizer: an engine serving the classifier as its base model (adapter None), and that
     classifier's tokenizer. `from_pretrained(path)` builds both from a local checkpoint directory.
+    The input is tokenised with the tokenizer's special tokens (WildGuard's `<s>` BOS first), as
+    allenai's own code and vLLM tokenise it: the classifier was trained on that.
     """
 
-    def __init__(self, engine, tokenizer, max_new_tokens: int = 128, add_special_tokens: bool = False,
+    def __init__(self, engine, tokenizer, max_new_tokens: int = 128, add_special_tokens: bool = True,
                  max_input_tokens: int | None = None):
         self.engine, self.tokenizer = engine, tokenizer
         self.max_new_tokens = max_new_tokens
