@@ -103,6 +103,50 @@ def test_nf4_base_equals_the_dequantised_dense_model(qwen_dir, rng_seed):
         assert_close_rel(policy.logits(ids), hf(ids).logits, FP32_REL, "NF4 logits")
 
 
+def _bnb_4bit(path, double_quant: bool):
+    """transformers' own 4-bit model of the checkpoint at `path`, quantised by bitsandbytes on CPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu",
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral"])
+def test_prequantised_bitsandbytes_checkpoint_loads_its_codes(family, double_quant, tmp_path, rng_seed):
+    """A checkpoint that transformers saves from a BitsAndBytesConfig model: packed uint8 weights with
+    .absmax, .quant_map, .nested_* and a JSON quant state. load_policy reads the codes as they are
+    (bit-equal to bitsandbytes' own) and its logits equal transformers' 4-bit model's."""
+    pytest.importorskip("bitsandbytes")
+    hf = build_model("tiny", seed=rng_seed % 1000) if family == "qwen2" else _small(family)
+    dense_dir = _save_hf(hf, tmp_path / "dense")
+    quantised = _bnb_4bit(dense_dir, double_quant)
+    quantised.save_pretrained(str(tmp_path / "bnb"))
+    policy = load_policy(tmp_path / "bnb", quantize="nf4", device="cpu")
+    layer = policy.model.model.layers[0].self_attn.q_proj
+    bnb_weight = quantised.model.layers[0].self_attn.q_proj.weight
+    assert layer.is_quantized and layer.base_weight.double_quant == double_quant
+    assert torch.equal(layer.base_weight.packed, bnb_weight.data.reshape(-1).view(torch.uint8))
+    ids = _ids(rng_seed, (2, 9), hf.config.vocab_size)
+    with torch.no_grad():
+        expected = _bnb_4bit(dense_dir, double_quant)(ids).logits  # a fresh model: CPU bnb repacks after a forward
+        assert_close_rel(policy.logits(ids), expected, FP32_REL, f"{family} bnb-4bit logits")
+        dense_policy = load_policy(tmp_path / "bnb", quantize=None, device="cpu")  # dequantised on load
+        assert_close_rel(dense_policy.logits(ids), expected, FP32_REL, f"{family} dequantised logits")
+
+
+def test_unsupported_quantised_checkpoints_are_refused(tmp_path):
+    path = Path(_save_hf(_small("llama"), tmp_path))
+    config = json.loads((path / "config.json").read_text())
+    for quantization, what in (({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+                               ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit")):
+        (path / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+        with pytest.raises(ValueError, match=what):
+            load_policy(path, device="cpu")
+
+
 def test_preset_loads_random_weights_reproducibly():
     a = load_policy("tiny", quantize="nf4", device="cpu", seed=5)
     b = load_policy("tiny", quantize="nf4", device="cpu", seed=5)

@@ -91,8 +91,14 @@ class MultiLoRALinear(nn.Module):
             raise RuntimeError("the base weight is already quantised")
         if self.weight.device.type == "meta":
             raise RuntimeError("cannot quantise a weight on the meta device: load real weights first")
-        nf4 = NF4Weight.quantize(self.weight.data, blocksize, double_quant)
-        self.weight = None  # this layer's reference to the dense weight goes now
+        self.set_nf4_base_(NF4Weight.quantize(self.weight.data, blocksize, double_quant))
+
+    def set_nf4_base_(self, nf4: NF4Weight) -> None:
+        """Make `nf4` (already quantised, e.g. read from a bitsandbytes checkpoint) the frozen base."""
+        if tuple(nf4.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"an NF4 weight of shape {tuple(nf4.shape)} does not fit a layer "
+                             f"[{self.out_features}, {self.in_features}]")
+        self.weight = None  # this layer's reference to a dense weight goes now
         for field in _NF4_FIELDS:
             self.register_buffer(f"nf4_{field}", getattr(nf4, field))
         self._nf4_format = (nf4.shape, nf4.dtype, nf4.blocksize)

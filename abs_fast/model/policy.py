@@ -7,7 +7,9 @@ so a full-precision copy of the model never exists in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +21,7 @@ from abs_fast.model.adapters import CONFIG_NAME, load_peft_adapter, save_peft_ad
 from abs_fast.model.lora import MultiLoRALinear
 from abs_fast.model.tiny import PRESETS, qwen2_config
 from abs_fast.model.transformer import TARGET_MODULES, ArchConfig, Transformer
+from abs_fast.quant.nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Weight
 
 __all__ = ["Policy", "load_policy", "resolve_target_modules"]
 
@@ -31,8 +34,54 @@ _IGNORED_KEYS = ("rotary_emb.inv_freq",)
 # ---------------------------------------------------------------------------------------------
 
 
+_BNB_STATE = ".quant_state.bitsandbytes__"  # + quant type: the JSON quant state bitsandbytes saves per weight
+_BNB_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def _nf4_from_bnb(name: str, tensors: dict[str, torch.Tensor], where: str) -> NF4Weight:
+    """The NF4Weight that a transformers + bitsandbytes 4-bit checkpoint stores as `name` (packed
+    uint8 codes) with its `.absmax`, `.quant_map`, `.nested_*` and JSON quant-state tensors."""
+    (state_key,) = [k for k in tensors if _BNB_STATE in k]
+    quant_type = state_key.rsplit("__", 1)[-1]
+    if quant_type != "nf4":
+        raise ValueError(f"{where}: {name!r} is bitsandbytes {quant_type!r}; only NF4 4-bit checkpoints load "
+                         "(re-quantise with bnb_4bit_quant_type='nf4', or give the unquantised checkpoint)")
+    try:
+        state = json.loads(bytes(tensors[state_key].to(torch.uint8).tolist()).decode("utf-8"))
+        shape, blocksize = torch.Size(state["shape"]), int(state["blocksize"])
+        dtype = getattr(torch, str(state.get("dtype", "float32")).removeprefix("torch."))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where}: tensor {state_key!r} is not a readable bitsandbytes quant state ({err})") from None
+    def part(key: str) -> torch.Tensor:
+        if f"{name}.{key}" not in tensors:
+            raise ValueError(f"{where}: {name!r} is bitsandbytes NF4 but has no {name}.{key} tensor")
+        return tensors[f"{name}.{key}"]
+    if not torch.equal(part("quant_map").float(), NF4_CODE):
+        raise ValueError(f"{where}: {name}.quant_map is not the NF4 code table")
+    packed = tensors[name].contiguous().view(torch.uint8).reshape(-1)
+    numel = math.prod(shape)
+    blocks = -(-numel // blocksize)
+    if packed.numel() != (numel + 1) // 2 or blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"{where}: {name!r} holds {packed.numel()} bytes with blocksize {blocksize}; an NF4 weight "
+                         f"of shape {tuple(shape)} needs {(numel + 1) // 2} bytes and a power-of-two blocksize")
+    absmax = part("absmax")
+    if absmax.numel() != blocks:
+        raise ValueError(f"{where}: {name}.absmax has {absmax.numel()} entries, {tuple(shape)} in blocks of "
+                         f"{blocksize} needs {blocks}")
+    if "nested_blocksize" not in state:
+        return NF4Weight(packed, absmax.float().reshape(-1), shape, dtype, blocksize)
+    nested_absmax, nested_code = part("nested_absmax").float().reshape(-1), part("nested_quant_map").float()
+    if int(state["nested_blocksize"]) != NESTED_BLOCKSIZE or nested_code.numel() != 256 or \
+            nested_absmax.numel() != -(-blocks // NESTED_BLOCKSIZE) or absmax.dtype != torch.uint8:
+        raise ValueError(f"{where}: {name!r} has nested statistics abs-fast cannot read (nested blocksize "
+                         f"{state['nested_blocksize']}, expected {NESTED_BLOCKSIZE} with uint8 absmax codes)")
+    offset = torch.tensor(float(state["nested_offset"]), dtype=torch.float32)
+    return NF4Weight(packed, absmax.reshape(-1), shape, dtype, blocksize, nested_absmax, offset, nested_code)
+
+
 class _SafetensorsSource:
-    """Every tensor of a local checkpoint directory (one file, or shards with an index)."""
+    """Every tensor of a local checkpoint directory (one file, or shards with an index). A weight
+    that bitsandbytes saved in 4 bits comes out as one NF4Weight built from its parts."""
 
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
@@ -63,22 +112,43 @@ class _SafetensorsSource:
                             raise ValueError(f"{shard}: tensor {name!r} also appears in {self.files[name]}")
                         self.files[name] = shard
 
+        # bitsandbytes 4-bit weights: the packed codes under the weight's own name, its parts beside it
+        self.parts: dict[str, list[str]] = {name.split(_BNB_STATE)[0]: [] for name in self.files if _BNB_STATE in name}
+        for name in self.files:
+            weight, _, suffix = name.partition(_BNB_STATE) if _BNB_STATE in name else name.rpartition(".")
+            if weight in self.parts and (_BNB_STATE in name or suffix in _BNB_PARTS):
+                self.parts[weight].append(name)
+        self.part_names = {name for names in self.parts.values() for name in names}
+
     def names(self) -> list[str]:
-        return list(self.files)
+        return [name for name in self.files if name not in self.part_names]
 
     def where(self, name: str) -> str:
         return str(self.files[name])
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out = {}
+        for name in names:
+            with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:
+                out[name] = f.get_tensor(name)
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor | NF4Weight]]:
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
-        for name, file in self.files.items():
-            by_file.setdefault(file, []).append(name)
+        for name in self.names():
+            by_file.setdefault(self.files[name], []).append(name)
         for file, names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name in names:
-                    yield name, f.get_tensor(name)
+                    if name in self.parts:
+                        parts = self._read(self.parts[name])
+                        yield name, _nf4_from_bnb(name, {name: f.get_tensor(name), **parts}, str(file))
+                    else:
+                        yield name, f.get_tensor(name)
 
 
 class _RandomSource:
@@ -123,6 +193,12 @@ def _read_hf_config(path_or_preset: str | Path):
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: line {err.lineno}: not valid JSON ({err.msg})") from None
     model_type = raw.get("model_type")
+    quantization = raw.get("quantization_config") or {}
+    method = quantization.get("quant_method")
+    if method is not None and (method != "bitsandbytes" or not quantization.get("load_in_4bit", False)):
+        kind = "8-bit bitsandbytes" if method == "bitsandbytes" else repr(method)
+        raise ValueError(f"{config_file}: quantization_config is {kind}; abs-fast reads unquantised checkpoints and "
+                         "bitsandbytes 4-bit NF4 ones (load_in_4bit, bnb_4bit_quant_type='nf4')")
     for field in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                   "intermediate_size"):
         if field not in raw:
@@ -313,6 +389,8 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     name) or a preset of abs_fast.model.PRESETS with seeded random weights. quantize: "nf4" stores
     every target-family linear in NF4 as it is read (the embeddings, norms and head stay in
     `dtype`); None keeps them dense. Defaults: the GPU when there is one, bf16 there and fp32 on CPU.
+    A checkpoint saved by transformers from a bitsandbytes 4-bit NF4 model loads its codes as they
+    are (no dequantise / requantise); with quantize=None they are dequantised.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
@@ -341,11 +419,16 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
                              f"implies {tuple(expected[name])}")
         module_name, _, field = name.rpartition(".")
         module = modules[module_name]
-        value = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        nf4_target = isinstance(module, MultiLoRALinear) and field == "weight" and quantize == "nf4"
+        if isinstance(tensor, NF4Weight) and nf4_target:  # pre-quantised: its codes are used as they are
+            module.set_nf4_base_(dataclasses.replace(tensor, dtype=dtype).to(device))
+        else:
+            dense = tensor.dequantize(dtype) if isinstance(tensor, NF4Weight) else tensor
+            setattr(module, field, nn.Parameter(dense.to(device=device, dtype=dtype), requires_grad=False))
+            del dense
+            if nf4_target:
+                module.quantize_base_(blocksize, double_quant)
         del tensor
-        setattr(module, field, value)
-        if isinstance(module, MultiLoRALinear) and field == "weight" and quantize == "nf4":
-            module.quantize_base_(blocksize, double_quant)
         loaded.add(name)
         if progress is not None:
             progress(len(loaded), total, name)
