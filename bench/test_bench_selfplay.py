@@ -62,7 +62,6 @@ def _abs_fast_step(policy, tokenizer, work: _Workload, token_budget: int):
     params = SamplingParams(temperature=1.0, max_new_tokens=work.new_tokens, ignore_eos=True)
     judge, gen = HeuristicJudge(), torch.Generator().manual_seed(0)
     settings = UpdateSettings(train_batch_size=10**6, token_budget=token_budget)
-    group_roles = {"attacker": ("attacker",), "defender": ("defender",)}
 
     def step(phases):
         wave1 = [RolloutRequest(p, "attacker", params) for p in work.attack_prompts]
@@ -79,7 +78,7 @@ def _abs_fast_step(policy, tokenizer, work: _Workload, token_budget: int):
         samples += [Sample("defender", "defender", q, a, 0.0) for q, a in zip(queries, answers, strict=True)]
         for s, reward in zip(samples, work.rewards, strict=False):
             s.reward = reward
-        metrics = policy_update(policy, optimizer, samples, settings, gen, group_roles)
+        metrics = policy_update(policy, optimizer, samples, settings, gen)
         phases["logprob"] = phases.get("logprob", 0.0) + metrics["seconds/logprob"]
         phases["train"] = phases.get("train", 0.0) + metrics["seconds/train"]
         _timed(phases, "sync", lambda: engine.update_adapters(policy))

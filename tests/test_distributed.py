@@ -61,8 +61,7 @@ def test_two_gloo_ranks_take_the_single_process_step_on_the_union(tmp_path, monk
     captured = {}
     original_step = reference.optimizer.step
     reference.optimizer.step = lambda: (captured.update(gradients(reference)), original_step())[1]
-    metrics = policy_update(reference.policy, reference.optimizer, union, settings, torch.Generator().manual_seed(0),
-                            reference.group_roles)
+    metrics = policy_update(reference.policy, reference.optimizer, union, settings, torch.Generator().manual_seed(0))
     assert metrics["optimizer_steps"] == 1
     reference_grads, ddp_grads = captured, load_file(str(rank0 / "grads.safetensors"))
     assert ddp_grads.keys() == reference_grads.keys()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from abs_fast.rl import (
-    aggregate_per_role,
+    aggregate_token_mean,
+    compute_advantages,
     grpo_advantages,
     kl_k1,
     kl_k3,
@@ -66,6 +67,32 @@ def test_normalisation_is_separate_per_role(rng_seed):
     assert torch.all(single == 0)
 
 
+def test_rloo_is_upstreams_baseline_then_reinforce_pp_returns(rng_seed):
+    """OpenRLHF / Self-RedTeam's RLOO: reward minus the mean of the group's other rewards, clipped,
+    then the per-token -beta * KL penalty, returns with gamma 1, and normalisation per role."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    lengths, mask, logp_old, logp_ref, rewards = _batch(gen, N=8)
+    rewards = rewards * 4  # some baselined rewards exceed the clip
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3])
+    roles = torch.tensor([0, 0, 1, 1, 1, 0, 0, 1])
+    beta, clip = 0.05, 3.0
+    got = compute_advantages("rloo", rewards, groups, logp_old, logp_ref, mask, roles, beta, clip, num_roles=2)
+    returns = torch.zeros_like(logp_old)
+    for n in range(8):
+        others = [float(rewards[m]) for m in range(8) if groups[m] == groups[n] and m != n]
+        shaped = float(rewards[n]) - sum(others) / len(others) if others else 0.0
+        shaped = min(max(shaped, -clip), clip)
+        length = int(lengths[n])
+        for t in range(length):
+            returns[n, t] = shaped + sum(-beta * float(logp_old[n, s] - logp_ref[n, s]) for s in range(t, length))
+    expected = torch.zeros_like(returns)
+    for role in (0, 1):
+        chosen = mask.bool() & (roles == role)[:, None]
+        values = returns[chosen]
+        expected[chosen] = (values - values.mean()) / (values.std(unbiased=False) + 1e-8)
+    assert torch.allclose(got, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_grpo_and_rloo_match_loops(rng_seed):
     gen = torch.Generator().manual_seed(rng_seed)
     groups = torch.tensor([3, 3, 3, 3, 8, 8, 5, 1, 1, 1])
@@ -109,17 +136,20 @@ def test_kl_estimators_and_ppo_clip(rng_seed):
         assert bool(was_clipped[i]) == (min(max(ratio, 0.8), 1.2) * a < ratio * a)
 
 
-def test_aggregate_per_role_is_each_roles_token_mean_across_micro_batches(rng_seed):
+def test_aggregate_token_mean_is_each_groups_token_mean_across_micro_batches(rng_seed):
     gen = torch.Generator().manual_seed(rng_seed)
     loss = torch.randn(20, generator=gen, dtype=torch.float64)
-    roles = torch.randint(0, 2, (20,), generator=gen)
-    roles[0], roles[1] = 0, 1
-    counts = {0: int((roles == 0).sum()), 1: int((roles == 1).sum())}
-    whole = aggregate_per_role(loss, roles, counts)
-    expected = float(loss[roles == 0].mean() + loss[roles == 1].mean())
+    groups = torch.randint(0, 2, (20,), generator=gen)
+    groups[0], groups[1] = 0, 1
+    counts = {0: int((groups == 0).sum()), 1: int((groups == 1).sum())}
+    whole = aggregate_token_mean(loss, groups, counts)
+    expected = float(loss[groups == 0].mean() + loss[groups == 1].mean())
     assert math.isclose(float(whole), expected, rel_tol=1e-12)
-    split = aggregate_per_role(loss[:7], roles[:7], counts) + aggregate_per_role(loss[7:], roles[7:], counts)
+    split = aggregate_token_mean(loss[:7], groups[:7], counts) + aggregate_token_mean(loss[7:], groups[7:], counts)
     assert math.isclose(float(split), expected, rel_tol=1e-12)
+    # one group holding every token (shared mode: one adapter, both roles): the plain token mean
+    pooled = aggregate_token_mean(loss, torch.zeros_like(groups), {0: 20})
+    assert math.isclose(float(pooled), float(loss.mean()), rel_tol=1e-12)
 
 
 @pytest.mark.parametrize("lengths,budget,expected", [

@@ -95,6 +95,47 @@ def test_both_adapters_learn_a_verifiable_reward_in_one_batched_pass(small_vocab
         assert end > 0.2, (role, [round(h[role], 3) for h in history])
 
 
+def _update_gradients(policy, samples, settings, seed) -> dict[str, torch.Tensor]:
+    """The adapter gradients policy_update hands to its (only) optimizer step."""
+    names = policy.adapter_names
+    optimizer = _optimizer(policy, names, 1e-3)
+    captured = {}
+
+    def capture():
+        captured.update({f"{n}.{i}": p.grad.clone() for n in names
+                         for i, p in enumerate(policy.adapter_parameters(n)) if p.grad is not None})
+    optimizer.step = capture
+    metrics = policy_update(policy, optimizer, samples, settings, torch.Generator().manual_seed(seed))
+    assert metrics["optimizer_steps"] == 1
+    return captured
+
+
+def test_shared_mode_pools_both_roles_tokens(small_vocab_model, rng_seed):
+    """One adapter playing both roles takes the mean over all its tokens (upstream's loss), not the
+    sum of per-role means: relabelling every defender sample as an attacker sample must not change
+    its gradient. (GRPO with kl_beta 0: advantages depend on the groups only, not on the roles.)"""
+    policy = load_policy(small_vocab_model, quantize=None, adapters=("shared",), rank=4, alpha=8, seed=2)
+    with torch.no_grad():  # B != 0, so every parameter has a gradient
+        for p in policy.adapter_parameters("shared"):
+            p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(rng_seed)
+
+    def sample(role, length, group):
+        prompt = torch.randint(2, VOCAB, (5,), generator=gen).tolist()
+        response = torch.randint(2, VOCAB, (length,), generator=gen).tolist()
+        return Sample(role, "shared", prompt, response, float(torch.randn(1, generator=gen)), group=group)
+
+    mixed = [sample("attacker", 2, g) for g in range(2) for _ in range(2)]
+    mixed += [sample("defender", 9, g) for g in range(2, 4) for _ in range(2)]
+    relabelled = [Sample("attacker", s.adapter, s.prompt_ids, s.response_ids, s.reward, s.group) for s in mixed]
+    settings = UpdateSettings(algorithm="grpo", kl_beta=0.0, grad_clip=0.0, train_batch_size=64)
+    ours = _update_gradients(policy, mixed, settings, rng_seed)
+    pooled = _update_gradients(policy, relabelled, settings, rng_seed)
+    assert ours.keys() == pooled.keys() and ours
+    for key, grad in pooled.items():
+        assert torch.allclose(ours[key], grad, rtol=1e-5, atol=1e-7 * grad.abs().max()), key
+
+
 def _defender_logits(policy, prompt):
     ids = torch.tensor([prompt])
     with torch.no_grad():
@@ -109,8 +150,6 @@ def test_role_separation(small_vocab_model, mode, rng_seed):
     names = ("attacker", "defender") if mode == "bipolicy" else ("shared",)
     policy = load_policy(small_vocab_model, quantize=None, adapters=names, rank=4, alpha=8, seed=2)
     adapters = {"attacker": names[0], "defender": names[-1]}
-    group_roles = {"attacker": ("attacker",), "defender": ("defender",)} if mode == "bipolicy" else \
-        {"shared": ("attacker", "defender")}
     optimizer = _optimizer(policy, names, 1e-2)
     gen = torch.Generator().manual_seed(rng_seed)
     prompt = torch.randint(2, VOCAB, (5,), generator=gen).tolist()
@@ -120,13 +159,13 @@ def test_role_separation(small_vocab_model, mode, rng_seed):
                        float(torch.randn(1, generator=gen)), group=i) for i, role in enumerate(roles * 4)]
 
     settings = UpdateSettings(train_batch_size=64)
-    policy_update(policy, optimizer, samples_for(["attacker", "defender"]), settings, gen, group_roles)
+    policy_update(policy, optimizer, samples_for(["attacker", "defender"]), settings, gen)
     defender_params = [p.detach().clone() for p in policy.adapter_parameters(adapters["defender"])]
     attacker_params = [p.detach().clone() for p in policy.adapter_parameters(adapters["attacker"])]
     defender_state = [{k: v.clone() for k, v in optimizer.state[p].items()}
                       for p in policy.adapter_parameters(adapters["defender"])]
     before = _defender_logits(policy, prompt)
-    metrics = policy_update(policy, optimizer, samples_for(["attacker"]), settings, gen, group_roles)
+    metrics = policy_update(policy, optimizer, samples_for(["attacker"]), settings, gen)
     assert metrics["optimizer_steps"] == 1
     after = _defender_logits(policy, prompt)
     moved = [not torch.equal(a, p) for a, p in zip(attacker_params, policy.adapter_parameters(adapters["attacker"]),
@@ -239,6 +278,57 @@ def test_resume_gives_the_same_next_step(tmp_path, mode):
     assert steps == [1, 2, 3]
     with pytest.raises(FileExistsError, match="--resume"):
         Trainer(_config(tmp_path / "b", "steps=4", f"mode={mode}"))
+
+
+class _Recording:
+    """Wraps an engine and keeps every request it serves."""
+
+    def __init__(self, engine):
+        self.engine, self.requests = engine, []
+
+    def generate(self, requests):
+        self.requests += requests
+        return self.engine.generate(requests)
+
+    def update_adapters(self, policy, names=None):
+        self.engine.update_adapters(policy, names)
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["base-defender", "frozen-defender"])
+def test_attacker_only_defender_prompt(tmp_path, frozen, qwen_tokenizer):
+    """attacker-only against the base: the defender gets the raw query (upstream's no_defender_turn),
+    still with the pre-filled reasoning opening; a frozen trained defender keeps the format instruction."""
+    from abs_fast.game.prompts import THINK_PREFILL
+
+    extra = []
+    if frozen:
+        donor = Trainer(_config(tmp_path / "donor", "steps=1"))
+        donor.policy.save_adapters(tmp_path / "adapters")
+        extra = [f"frozen_defender={tmp_path / 'adapters' / 'defender'}"]
+    trainer = Trainer(_config(tmp_path / "run", "steps=1", "mode=attacker-only", *extra))
+    trainer.engine = _Recording(trainer.engine)
+    trainer.train()
+    defender = [r for r in trainer.engine.requests if r.adapter == trainer.adapters["defender"]]
+    assert defender and len(defender) == len([r for r in trainer.engine.requests if r.adapter == "attacker"])
+    for request in defender:
+        text = qwen_tokenizer.decode(request.prompt_ids)
+        assert text.endswith(THINK_PREFILL)
+        assert ("<answer> </answer> tags" in text) == frozen, text
+
+
+def test_resume_takes_the_new_learning_rate(tmp_path):
+    """`train --resume --set lr_defender=...` trains with the new rate (the saved Adam moments stay)."""
+    Trainer(_config(tmp_path, "steps=1", "checkpoint_every=1", "lr_defender=1e-3", "warmup_ratio=0")).train()
+    messages = []
+    resumed = Trainer(_config(tmp_path, "steps=2", "lr_defender=2e-4", "adam_beta2=0.9", "warmup_ratio=0"),
+                      resume=True, log=messages.append)
+    groups = {g["name"]: g for g in resumed.optimizer.param_groups}
+    assert groups["defender"]["base_lr"] == 2e-4 and groups["attacker"]["base_lr"] == 1e-3
+    assert groups["defender"]["betas"] == (0.9, 0.9)
+    assert any("defender base_lr 0.001 -> 0.0002" in m for m in messages), messages
+    assert len(resumed.optimizer.state) > 0  # Adam moments restored
+    record = resumed.train()[-1]
+    assert record["lr/defender"] == 2e-4 and record["lr/attacker"] == 1e-3
 
 
 @pytest.mark.slow

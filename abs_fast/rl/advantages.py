@@ -1,8 +1,11 @@
 """Advantages for a batch of sampled responses, as padded [N, L] tensors with a token mask.
 
 REINFORCE++: per-token reward -beta * k1 KL plus the (clipped) game reward on the last token,
-returns with gamma 1, then normalised over the valid tokens of each role separately. GRPO and RLOO:
-one scalar per sample from its group (same seed, same role), spread over the sample's tokens.
+returns with gamma 1, then normalised over the valid tokens of each role separately. RLOO, as
+upstream (OpenRLHF / Self-RedTeam) computes it: each game reward minus the mean of the other samples
+of its group (same seed, same role), clipped, then the same KL-penalised returns and per-role
+normalisation as REINFORCE++. GRPO: one group-normalised scalar per sample, spread over its tokens
+(its KL is a loss term, not part of the advantage).
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import torch
 
 from abs_fast.rl.kl import kl_k1
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "grpo_advantages", "kl_penalized_returns", "normalize_per_role",
-           "reinforce_pp_advantages", "rloo_advantages"]
+__all__ = ["ADVANTAGE_ESTIMATORS", "compute_advantages", "grpo_advantages", "kl_penalized_returns",
+           "normalize_per_role", "reinforce_pp_advantages", "rloo_advantages"]
 
 ADVANTAGE_ESTIMATORS = ("reinforce++", "grpo", "rloo")
 
@@ -95,3 +98,21 @@ def rloo_advantages(rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor
     n = counts[inverse]
     others = (sums[inverse] - rewards) / (n - 1).clamp(min=1)
     return torch.where(n > 1, rewards - others, torch.zeros_like(rewards))
+
+
+def compute_advantages(algorithm: str, rewards: torch.Tensor, groups: torch.Tensor, logp_old: torch.Tensor,
+                       logp_ref: torch.Tensor, mask: torch.Tensor, roles: torch.Tensor, kl_beta: float,
+                       reward_clip: float, num_roles: int,
+                       reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """[N, L] advantages of `algorithm` for game rewards [N] (unclipped), groups [N] (GRPO / RLOO
+    comparison sets) and roles [N]; `reduce` sums per-role statistics over data-parallel ranks (groups
+    never span ranks, so group statistics stay local)."""
+    if algorithm == "reinforce++":
+        clipped = rewards.clamp(-reward_clip, reward_clip)
+        return reinforce_pp_advantages(clipped, logp_old, logp_ref, mask, roles, kl_beta, num_roles, reduce)
+    if algorithm == "grpo":
+        return grpo_advantages(rewards.clamp(-reward_clip, reward_clip), groups)[:, None] * mask
+    if algorithm == "rloo":
+        baselined = rloo_advantages(rewards, groups).clamp(-reward_clip, reward_clip)
+        return reinforce_pp_advantages(baselined, logp_old, logp_ref, mask, roles, kl_beta, num_roles, reduce)
+    raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ADVANTAGE_ESTIMATORS)}")

@@ -1,4 +1,4 @@
-"""Policy losses per token: the PPO-clip surrogate and the k3 KL term; token-level aggregation."""
+"""Policy losses per token: the PPO-clip surrogate and the k3 KL term; token-level aggregation per adapter."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 
 from abs_fast.rl.kl import kl_k3
 
-__all__ = ["aggregate_per_role", "kl_loss", "ppo_clip_loss"]
+__all__ = ["aggregate_token_mean", "kl_loss", "ppo_clip_loss"]
 
 
 def ppo_clip_loss(logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, clip_eps: float = 0.2
@@ -23,12 +23,14 @@ def kl_loss(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return kl_k3(logp, logp_ref)
 
 
-def aggregate_per_role(token_loss: torch.Tensor, roles: torch.Tensor, role_tokens: dict[int, int]) -> torch.Tensor:
-    """Token-level aggregation, per role: sum over the tokens of each role divided by that role's
-    token count in the whole train batch (`role_tokens`), summed over roles. Each adapter's gradient
-    is then its own token mean, however its tokens are split into micro-batches."""
+def aggregate_token_mean(token_loss: torch.Tensor, groups: torch.Tensor, group_tokens: dict[int, int]) -> torch.Tensor:
+    """Token-level aggregation per loss group (one group per trained adapter): the sum over each
+    group's tokens divided by that group's token count in the whole train batch (`group_tokens`),
+    summed over groups. Each adapter's gradient is then the mean over all of its tokens, however they
+    are split into micro-batches; an adapter that plays both roles (shared mode) pools the tokens of
+    both, as upstream Self-RedTeam pools every token of its one model."""
     total = token_loss.new_zeros(())
-    for role, count in role_tokens.items():
+    for group, count in group_tokens.items():
         if count:
-            total = total + token_loss[roles == role].sum() / count
+            total = total + token_loss[groups == group].sum() / count
     return total

@@ -156,7 +156,7 @@ class Trainer:
         self.stream = SeedStream(seeds, config.seed)
         self.rng = torch.Generator().manual_seed(config.seed)  # the games of a step: the same on every rank
         self.update_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + 101 + rank)  # this rank's batches
-        self.optimizer, self.group_roles = self._build_optimizer()
+        self.optimizer = self._build_optimizer()
         self.stop_ids = stop_token_ids(self.tokenizer, self.policy)
         self.step = 0
         resume_step = None
@@ -194,17 +194,31 @@ class Trainer:
             self.collective.barrier()  # rank 0 has pushed the versions every rank now names
         return time.perf_counter() - start
 
-    def _build_optimizer(self):
+    def _group_settings(self, name: str) -> dict:
+        """The config's optimizer settings of adapter `name`'s param group."""
         config = self.config
-        groups, group_roles = [], {}
+        roles = tuple(role for role in self.trained_roles if self.adapters[role] == name)
+        return {"base_lr": config.lr_defender if "defender" in roles else config.lr_attacker,
+                "betas": (config.adam_beta1, config.adam_beta2), "weight_decay": config.weight_decay}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW with one param group per trained adapter, named after it (policy_update's contract)."""
+        groups = []
         for name in self.trained_adapters:
-            roles = tuple(role for role in self.trained_roles if self.adapters[role] == name)
-            lr = config.lr_defender if "defender" in roles else config.lr_attacker
-            groups.append({"params": self.policy.adapter_parameters(name), "lr": lr, "base_lr": lr, "name": name})
-            group_roles[name] = roles
-        optimizer = torch.optim.AdamW(groups, betas=(config.adam_beta1, config.adam_beta2),
-                                      weight_decay=config.weight_decay, eps=1e-8)
-        return optimizer, group_roles
+            settings = self._group_settings(name)
+            groups.append({"params": self.policy.adapter_parameters(name), "lr": settings["base_lr"], "name": name,
+                           **settings})
+        return torch.optim.AdamW(groups, eps=1e-8)
+
+    def _apply_config_to_optimizer(self) -> None:
+        """After a resume: the saved Adam moments stay, the settings come from this run's config
+        (`--resume --set lr_defender=...` takes effect), and each change is logged."""
+        for group in self.optimizer.param_groups:
+            for key, value in self._group_settings(group["name"]).items():
+                saved = tuple(group[key]) if isinstance(group[key], list | tuple) else group[key]
+                if saved != value:
+                    self.log(f"resume: {group['name']} {key} {saved} -> {value} (from this run's config)")
+                group[key] = value
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -236,6 +250,7 @@ class Trainer:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         state, rng = load_checkpoint(checkpoint, self.policy, self.optimizer)
+        self._apply_config_to_optimizer()
         if state.get("mode") != self.config.mode:
             raise ValueError(f"{checkpoint}: saved by a {state.get('mode')!r} run, this run's mode is "
                              f"{self.config.mode!r}")
@@ -267,6 +282,16 @@ class Trainer:
         limit = config.attacker_max_new_tokens if role == "attacker" else config.defender_max_new_tokens
         return SamplingParams(temperature=config.temperature, top_p=config.top_p, max_new_tokens=limit,
                               stop_token_ids=self.stop_ids)
+
+    def _defender_prompt(self, query: str) -> list[int]:
+        """The defender's turn. In attacker-only mode against the untrained base (no frozen_defender)
+        the base gets the raw query without the format instruction, as upstream Self-RedTeam does
+        (its no_defender_turn); its assistant turn still starts with the pre-filled reasoning opening and
+        its answer is read as any other (the whole reply when it has no <answer> pair). A trained
+        defender, frozen or not, gets the instruction it was trained with."""
+        reasoning = self.config.reasoning
+        instructed = reasoning and (self.config.mode != "attacker-only" or bool(self.config.frozen_defender))
+        return encode_turn(self.tokenizer, defender_messages(query, instructed), reasoning)
 
     def _games(self) -> list[_Game]:
         config = self.config
@@ -307,7 +332,7 @@ class Trainer:
                 prompt, role = game.attacker_prompt, "attacker"
             else:
                 game.defender_query = game.seed.prompt
-                game.defender_prompt = encode_turn(tok, defender_messages(game.defender_query, reasoning), reasoning)
+                game.defender_prompt = self._defender_prompt(game.defender_query)
                 prompt, role = game.defender_prompt, "defender"
             if len(prompt) > config.max_prompt_tokens:
                 game.dropped = "prompt_too_long"
@@ -326,7 +351,7 @@ class Trainer:
         limit = config.max_prompt_tokens + config.attacker_max_new_tokens
         for game in games:
             if game.kind == "generated" and not game.dropped:
-                game.defender_prompt = encode_turn(tok, defender_messages(game.defender_query, reasoning), reasoning)
+                game.defender_prompt = self._defender_prompt(game.defender_query)
                 if len(game.defender_prompt) > limit:
                     game.dropped = "prompt_too_long"
                     continue
@@ -371,8 +396,8 @@ class Trainer:
                                   reward_clip=config.reward_clip, train_batch_size=config.train_batch_size,
                                   token_budget=config.token_budget, grad_clip=config.grad_clip,
                                   temperature=config.temperature)
-        update = policy_update(self.policy, self.optimizer, samples, settings, self.update_rng, self.group_roles,
-                               warn=self.log, collective=self.collective)
+        update = policy_update(self.policy, self.optimizer, samples, settings, self.update_rng, warn=self.log,
+                               collective=self.collective)
         sync_seconds = self._push_adapters(self.trained_adapters)
         self.step += 1
 

@@ -20,15 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from abs_fast.ops.logprobs import token_logprobs
-from abs_fast.rl import (
-    aggregate_per_role,
-    grpo_advantages,
-    kl_k1,
-    kl_loss,
-    ppo_clip_loss,
-    reinforce_pp_advantages,
-    rloo_advantages,
-)
+from abs_fast.rl import aggregate_token_mean, compute_advantages, kl_k1, kl_loss, ppo_clip_loss
 from abs_fast.train.distributed import SINGLE_PROCESS, Collective
 
 __all__ = ["ROLES", "Sample", "UpdateSettings", "micro_batches", "packed_logprobs", "policy_update"]
@@ -118,14 +110,14 @@ def _pad(rows: list[torch.Tensor], length: int, device: torch.device) -> torch.T
 
 
 def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], settings: UpdateSettings,
-                  generator: torch.Generator, group_roles: dict[str, tuple[str, ...]],
-                  warn: Callable[[str], None] = print, collective: Collective = SINGLE_PROCESS) -> dict[str, float]:
-    """Train on `samples` (both roles mixed). group_roles: param group name -> the roles whose
-    samples train it. Returns metrics of the update.
+                  generator: torch.Generator, warn: Callable[[str], None] = print,
+                  collective: Collective = SINGLE_PROCESS) -> dict[str, float]:
+    """Train on `samples` (both roles mixed). The optimizer has one param group per trained adapter,
+    named after it (`name`); each sample trains the group of its `adapter`. Returns metrics.
 
     Data parallel (collective.world_size > 1): `samples` are this rank's share. Advantage
-    statistics, per-role token counts and the number of optimizer steps are the whole step's; each
-    rank's loss is its tokens' share of the whole step's per-role token mean, and adapter gradients
+    statistics, per-adapter token counts and the number of optimizer steps are the whole step's; each
+    rank's loss is its tokens' share of the whole step's per-adapter token mean, and adapter gradients
     are summed over ranks before clipping, so every rank takes the step one process would take on
     the union of the shares (with train batches of ceil(train_batch_size / world_size) per rank)."""
     metrics: dict[str, float] = {}
@@ -136,6 +128,11 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     role_index = {role: i for i, role in enumerate(ROLES)}
     roles = torch.tensor([role_index[s.role] for s in samples], device=device, dtype=torch.long)
     adapter_ids = [policy.adapter_id(s.adapter) for s in samples]
+    group_names = [g["name"] for g in optimizer.param_groups]
+    unknown = sorted({s.adapter for s in samples} - set(group_names))
+    if unknown:
+        raise ValueError(f"samples of adapter(s) {unknown} have no optimizer param group (groups: {group_names})")
+    loss_groups = torch.tensor([group_names.index(s.adapter) for s in samples], device=device, dtype=torch.long)
     reduce = collective.sum if collective.enabled else None
 
     # 1. old-policy and reference log-probs in one no-grad pass (each sample twice: adapter, -1)
@@ -162,18 +159,9 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
 
     # 2. advantages
     rewards = torch.tensor([s.reward for s in samples], device=device, dtype=torch.float32)
-    rewards = rewards.clamp(-settings.reward_clip, settings.reward_clip)
     groups = torch.tensor([s.group for s in samples], device=device, dtype=torch.long)
-    if settings.algorithm == "reinforce++":
-        advantages = reinforce_pp_advantages(rewards, logp_old, logp_ref, mask, roles, settings.kl_beta,
-                                             num_roles=len(ROLES), reduce=reduce)
-    elif settings.algorithm == "grpo":  # groups (one seed, one role) never span ranks: group stats are local
-        advantages = grpo_advantages(rewards, groups)[:, None] * mask
-    elif settings.algorithm == "rloo":
-        kl_total = (kl_k1(logp_old, logp_ref) * mask).sum(1)
-        advantages = rloo_advantages(rewards - settings.kl_beta * kl_total, groups)[:, None] * mask
-    else:
-        raise ValueError(f"unknown algorithm {settings.algorithm!r}; choose reinforce++, grpo or rloo")
+    advantages = compute_advantages(settings.algorithm, rewards, groups, logp_old, logp_ref, mask, roles,
+                                    settings.kl_beta, settings.reward_clip, num_roles=len(ROLES), reduce=reduce)
     role_stats = torch.zeros(len(ROLES), 4, dtype=torch.float64, device=device)  # kl, entropy, tokens, samples
     kl_tokens = kl_k1(logp_old, logp_ref)
     for i in role_index.values():
@@ -193,14 +181,15 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     order = torch.randperm(N, generator=generator).tolist()
     local_batch = -(-settings.train_batch_size // collective.world_size)
     steps = int(collective.max(torch.tensor([-(-N // local_batch)], device=device)))
-    groups_by_name = {g["name"]: g for g in optimizer.param_groups}
     losses, clipped, tokens_seen, steps_taken, skipped = [], 0.0, 0, 0, 0
-    norms: dict[str, list[float]] = {name: [] for name in groups_by_name}
+    norms: dict[str, list[float]] = {name: [] for name in group_names}
+    response_lengths = mask.sum(1)
     for step in range(steps):
         batch = order[step * local_batch:(step + 1) * local_batch]
-        counts = torch.tensor([float(mask[[j for j in batch if int(roles[j]) == i]].sum())
-                               for i in role_index.values()], device=device)
-        role_tokens = dict(zip(role_index.values(), collective.sum(counts).long().tolist(), strict=True))
+        counts = torch.zeros(len(group_names), device=device)
+        if batch:
+            counts.index_add_(0, loss_groups[batch], response_lengths[batch])
+        group_tokens = dict(enumerate(collective.sum(counts).long().tolist()))
         finite = True
         batch_loss = 0.0
         for micro in micro_batches([len(samples[j]) for j in batch], settings.token_budget):
@@ -212,8 +201,8 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
             token_loss, was_clipped = ppo_clip_loss(logp, old, adv, settings.clip_eps)
             if settings.algorithm == "grpo" and settings.kl_beta > 0:
                 token_loss = token_loss + settings.kl_beta * kl_loss(logp, ref)
-            token_roles = roles[chosen][:, None].expand_as(valid)[valid]
-            loss = aggregate_per_role(token_loss, token_roles, role_tokens)
+            token_groups = loss_groups[chosen][:, None].expand_as(valid)[valid]
+            loss = aggregate_token_mean(token_loss, token_groups, group_tokens)
             if not torch.isfinite(loss):
                 finite = False
                 break
@@ -223,9 +212,9 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
             tokens_seen += int(valid.sum())
         finite = int(collective.sum(torch.tensor([0.0 if finite else 1.0], device=device))) == 0
         if finite:
-            trained = {ROLES[i] for i, n in role_tokens.items() if n}
-            for name, group in groups_by_name.items():
-                if not trained & set(group_roles[name]):
+            for index, group in enumerate(optimizer.param_groups):
+                name = group["name"]
+                if not group_tokens[index]:
                     for p in group["params"]:
                         p.grad = None  # this adapter played no trained role here: leave it untouched
                     continue
