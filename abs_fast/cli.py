@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -263,7 +265,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each message (progress bars and test captures
+    swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging() -> None:
+    """abs-fast's messages (logger "abs_fast") at INFO on stderr, prefixed by the data-parallel rank
+    under torchrun."""
+    logger = logging.getLogger("abs_fast")
+    if any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        return
+    rank = int(os.environ.get("RANK", "0") or 0)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter((f"[rank {rank}] " if rank else "") + "%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_directory"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "figure_png", "replace_directory"]
 
 
 _UMASK = os.umask(0o022)
@@ -71,3 +71,18 @@ def replace_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def figure_png(fig, path: str | Path | None = None) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards), also written atomically to `path`."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    data = buffer.getvalue()
+    if path is not None:
+        atomic_write_bytes(Path(path), data)
+    return data

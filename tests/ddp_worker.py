@@ -47,7 +47,7 @@ def record_update(trainer, out: Path) -> None:
 
 
 def main(root: str) -> None:
-    trainer = Trainer(config_for(Path(root) / "run"), log=lambda message: None)
+    trainer = Trainer(config_for(Path(root) / "run"))
     out = Path(root) / f"rank{trainer.collective.rank}"
     out.mkdir(parents=True, exist_ok=True)
     record_update(trainer, out)

@@ -53,7 +53,7 @@ def test_two_gloo_ranks_take_the_single_process_step_on_the_union(tmp_path, monk
     # one process, the union of both shares, from the same starting adapters
     from abs_fast.train import Trainer
 
-    reference = Trainer(config_for(tmp_path / "reference"), log=lambda message: None)
+    reference = Trainer(config_for(tmp_path / "reference"))
     reference.policy.load_adapters(rank0 / "before")
     reference._set_learning_rates()
     union = [Sample(**row) for share in shares for row in share["samples"]]

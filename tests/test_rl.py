@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from abs_fast.model.scoring import micro_batches
 from abs_fast.rl import (
     aggregate_token_mean,
     compute_advantages,
@@ -17,7 +18,6 @@ from abs_fast.rl import (
     reinforce_pp_advantages,
     rloo_advantages,
 )
-from abs_fast.train import micro_batches
 
 
 def _batch(gen, N=7, L=9):

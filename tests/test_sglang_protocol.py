@@ -241,7 +241,7 @@ def test_protocol_old_version_waits_for_requests_in_flight(tmp_path, journal, po
         assert routes[-1] == ("/unload_lora_adapter", first)
 
 
-def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy, capsys):
+def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy, capsys, caplog):
     from safetensors.torch import save
 
     route = TensorRoute(lambda tensors: base64.b64encode(save({k: v.cpu() for k, v in tensors.items()})).decode(),
@@ -257,11 +257,10 @@ def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy,
     assert result.token_ids == fake_generation([3, 4], signature(policy, "defender"),
                                                {"max_new_tokens": 20, "stop_token_ids": []})[0]
     # a server without the route: "auto" falls back to files, "tensors" is an error
-    messages = []
-    with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route, log=messages.append) as engine:
+    with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route) as engine:
         engine.update_adapters(policy)
         assert engine.generate([RolloutRequest([3, 4], "defender", SamplingParams(max_new_tokens=20))])[0] == result
-    assert any("tensor route failed" in m for m in messages)
+    assert any("tensor route failed" in r.getMessage() for r in caplog.records)
     with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route, adapter_sync="tensors") as engine, \
             pytest.raises(SGLangRequestError, match="from tensors failed"):
         engine.update_adapters(policy)
@@ -270,18 +269,17 @@ def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy,
 # --- failures -------------------------------------------------------------------------------------
 
 
-def test_protocol_server_death_mid_wave_restarts_once(tmp_path, journal, policy, rng_seed):
+def test_protocol_server_death_mid_wave_restarts_once(tmp_path, journal, policy, rng_seed, caplog):
     crash = tmp_path / "crash-once"
-    messages = []
     with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_CRASH_ONCE_FILE=crash),
-                      eos_token_ids=EOS, log=messages.append) as engine:
+                      eos_token_ids=EOS) as engine:
         engine.update_adapters(policy)
         first_url = engine.url
         crash.touch()
         requests = mixed_requests(rng_seed, n=6)
         results = engine.generate(requests)
         assert engine.restarts == 1 and engine.url != first_url
-    assert any("restarting" in m for m in messages)
+    assert any("restarting" in r.getMessage() for r in caplog.records)
     entries = read_journal(journal)
     pids = list(dict.fromkeys(e["pid"] for e in entries))
     assert len(pids) == 2
@@ -308,7 +306,7 @@ def test_protocol_server_that_keeps_dying_gives_a_clear_error(tmp_path, journal,
 def test_protocol_hung_server_times_out_and_restarts(tmp_path, journal, policy):
     hang = tmp_path / "hang-once"
     with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_HANG_ONCE_FILE=hang),
-                      request_timeout=3, log=lambda m: None) as engine:
+                      request_timeout=3) as engine:
         engine.update_adapters(policy)
         hang.touch()
         result = engine.generate([RolloutRequest([9, 9], "defender", SamplingParams(max_new_tokens=6))])[0]
@@ -387,19 +385,18 @@ def test_protocol_non_owner_rank_switches_names_without_pushing(tmp_path, journa
         process.wait()
 
 
-def test_protocol_api_keys_for_an_attached_server(tmp_path, journal, policy):
+def test_protocol_api_keys_for_an_attached_server(tmp_path, journal, policy, caplog):
     api_key, admin_key = f"k-{os.urandom(8).hex()}", f"a-{os.urandom(8).hex()}"
     process, url = start_fake(tmp_path, journal, FAKE_SGLANG_API_KEY=api_key, FAKE_SGLANG_ADMIN_API_KEY=admin_key)
-    messages = []
     try:
-        keyless = SGLangEngine(url=url, log=messages.append)  # /health is open, as in SGLang
+        keyless = SGLangEngine(url=url)  # /health is open, as in SGLang
         with pytest.raises(SGLangRequestError, match=r"HTTP 401.*set SGLANG_API_KEY") as refused:
             keyless.update_adapters(policy)
         with pytest.raises(SGLangRequestError, match=r"HTTP 401.*SGLANG_ADMIN_API_KEY"):
             SGLangEngine(url=url, api_key=api_key).update_adapters(policy)  # the adapter routes want the admin key
         with pytest.raises(SGLangRequestError, match="HTTP 401"):
             SGLangEngine(url=url, api_key="wrong", admin_api_key=admin_key).generate([RolloutRequest([3])])
-        engine = SGLangEngine(url=url, api_key=api_key, admin_api_key=admin_key, eos_token_ids=EOS, log=messages.append)
+        engine = SGLangEngine(url=url, api_key=api_key, admin_api_key=admin_key, eos_token_ids=EOS)
         engine.update_adapters(policy)
         request = RolloutRequest([5, 6, 7], "defender", SamplingParams(max_new_tokens=6))
         tokens, _, _ = expected(policy, request, {"defender": signature(policy, "defender")})
@@ -411,7 +408,7 @@ def test_protocol_api_keys_for_an_attached_server(tmp_path, journal, policy):
         process.wait()
     routes = [e["route"] for e in read_journal(journal)]  # refused requests never reach a handler
     assert routes == ["/load_lora_adapter"] * 2 + ["/generate"] + ["/unload_lora_adapter"] * 2
-    for text in [str(refused.value), *messages]:
+    for text in [str(refused.value), *(r.getMessage() for r in caplog.records)]:
         assert api_key not in text and admin_key not in text
     with pytest.raises(ValueError, match="attached servers"):
         SGLangEngine(settings=settings_for(tmp_path, journal), api_key=api_key)
@@ -447,12 +444,12 @@ def test_protocol_eval_and_crossplay_generate_on_sglang(tmp_path, journal, polic
         out, results = eval_command(str(defender_dir), [f"xstest={shared_data / 'eval' / 'xstest_prompts.csv'}",
                                                         f"gsm8k={shared_data / 'eval' / 'gsm8k_test.jsonl'}"],
                                     overrides=overrides, output=str(tmp_path / "eval"), limit=3, max_new_tokens=6,
-                                    progress=False, log=lambda message: None)
+                                    progress=False)
         eval_entries = read_journal(journal)
         journal.unlink()
         _, cross = crossplay_command([str(attacker_dir), "base"], [str(defender_dir)], ["builtin"],
                                      overrides=overrides, output=str(tmp_path / "cross"), limit=4, max_new_tokens=6,
-                                     progress=False, log=lambda message: None)
+                                     progress=False)
         cross_entries = read_journal(journal)
     finally:
         process.kill()
@@ -500,7 +497,7 @@ def test_protocol_trainer_one_generate_per_wave_and_a_push_after_each_step(tmp_p
             "output": str(tmp_path / "run"), "steps": 2, "rollout_engine": "sglang", "sglang_url": url,
             "quantize": "none", "device": "cpu", "tensorboard": False, "progress": False, "diagnostics_every": 0,
             "rollout_batch_size": 4, "attacker_max_new_tokens": 8, "defender_max_new_tokens": 8, "lora_rank": 4})
-        trainer = Trainer(config, log=lambda message: None)
+        trainer = Trainer(config)
         trainer.train()
         trainer.close()
     finally:

@@ -84,8 +84,7 @@ def test_both_adapters_learn_a_verifiable_reward_in_one_batched_pass(small_vocab
     history = []
     for _ in range(40):
         samples, mean_reward = _play(engine, prompts, ("attacker", "defender"), 4, target)
-        metrics = policy_update(policy, optimizer, samples, settings, gen,
-                                {"attacker": ("attacker",), "defender": ("defender",)})
+        metrics = policy_update(policy, optimizer, samples, settings, gen)
         assert metrics["optimizer_steps"] == 1  # one train batch holding both roles
         history.append(mean_reward)
     for role in ("attacker", "defender"):
@@ -183,18 +182,16 @@ def test_role_separation(small_vocab_model, mode, rng_seed):
         assert not torch.equal(before, after)
 
 
-def test_nonfinite_step_is_skipped_and_reported(small_vocab_model):
+def test_nonfinite_step_is_skipped_and_reported(small_vocab_model, caplog):
     policy = load_policy(small_vocab_model, quantize=None, adapters=("attacker", "defender"), rank=4, alpha=8)
     optimizer = _optimizer(policy, ("attacker", "defender"), 1e-2)
     gen = torch.Generator().manual_seed(0)
     samples = [Sample("attacker", "attacker", [3, 4, 5], [6, 7], float("nan"), group=0),
                Sample("defender", "defender", [3, 4, 5], [8, 9], 1.0, group=1)]
     params = [p.detach().clone() for p in policy.adapter_parameters("attacker") + policy.adapter_parameters("defender")]
-    warnings = []
-    metrics = policy_update(policy, optimizer, samples, UpdateSettings(), gen,
-                            {"attacker": ("attacker",), "defender": ("defender",)}, warn=warnings.append)
+    metrics = policy_update(policy, optimizer, samples, UpdateSettings(), gen)
     assert metrics["nonfinite_skipped"] == 1 and metrics["optimizer_steps"] == 0
-    assert warnings and "skipped" in warnings[0]
+    assert any("skipped" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
     after = policy.adapter_parameters("attacker") + policy.adapter_parameters("defender")
     assert all(torch.equal(a, b) for a, b in zip(params, after, strict=True))
     assert all(p.grad is None for p in after)
@@ -316,12 +313,13 @@ def test_attacker_only_defender_prompt(tmp_path, frozen, qwen_tokenizer):
         assert ("<answer> </answer> tags" in text) == frozen, text
 
 
-def test_resume_takes_the_new_learning_rate(tmp_path):
+def test_resume_takes_the_new_learning_rate(tmp_path, caplog):
     """`train --resume --set lr_defender=...` trains with the new rate (the saved Adam moments stay)."""
     Trainer(_config(tmp_path, "steps=1", "checkpoint_every=1", "lr_defender=1e-3", "warmup_ratio=0")).train()
-    messages = []
+    caplog.set_level("INFO", logger="abs_fast")
     resumed = Trainer(_config(tmp_path, "steps=2", "lr_defender=2e-4", "adam_beta2=0.9", "warmup_ratio=0"),
-                      resume=True, log=messages.append)
+                      resume=True)
+    messages = [r.getMessage() for r in caplog.records]
     groups = {g["name"]: g for g in resumed.optimizer.param_groups}
     assert groups["defender"]["base_lr"] == 2e-4 and groups["attacker"]["base_lr"] == 1e-3
     assert groups["defender"]["betas"] == (0.9, 0.9)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
-from collections.abc import Callable, Iterator, Sequence
+import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -17,19 +17,14 @@ from abs_fast.evaluate.exploit import exploit_markdown, exploit_summary, write_e
 from abs_fast.evaluate.policies import eval_config, is_run_dir, load_role_adapters, role_adapter
 from abs_fast.evaluate.suites import load_suite, parse_suite_spec
 from abs_fast.game import parse_seed_spec
+from abs_fast.game.seeds import SeedStream
 from abs_fast.io import atomic_write_text
 from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
 from abs_fast.train.config import TrainConfig, apply_overrides
-from abs_fast.train.loop import SeedStream
 
 __all__ = ["crossplay_command", "eval_command", "exploit_command"]
 
-Log = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
-
+logger = logging.getLogger(__name__)
 
 def _settings(config: TrainConfig, max_new_tokens: int | None, temperature: float, attack_samples: int = 64,
               progress: bool = True) -> EvalSettings:
@@ -54,7 +49,7 @@ class _Loaded(NamedTuple):
 
 
 @contextlib.contextmanager
-def _loaded(config: TrainConfig, paths: dict[str, Path | None], output: str | Path, log: Log) -> Iterator[_Loaded]:
+def _loaded(config: TrainConfig, paths: dict[str, Path | None], output: str | Path) -> Iterator[_Loaded]:
     """Everything an evaluation runs on: the tokenizer; with rollout_engine=sglang an SGLang engine
     (started before the policy, since a launched server sizes its memory pool from what is free; its
     log is OUTPUT/sglang-server.log); the base with the adapters of `paths`, pushed to that engine;
@@ -63,10 +58,10 @@ def _loaded(config: TrainConfig, paths: dict[str, Path | None], output: str | Pa
     engine = None
     if config.rollout_engine == "sglang":
         adapters = [key for key, path in paths.items() if path is not None]
-        engine = sglang_engine_for(config, tokenizer, adapters, Path(output) / "sglang-server.log", log,
+        engine = sglang_engine_for(config, tokenizer, adapters, Path(output) / "sglang-server.log",
                                    version_swaps=False)
     try:
-        policy = load_policy_for(config, log=log)
+        policy = load_policy_for(config)
         names = load_role_adapters(policy, paths)
         if engine is not None and policy.adapter_names:
             engine.update_adapters(policy)
@@ -79,8 +74,7 @@ def _loaded(config: TrainConfig, paths: dict[str, Path | None], output: str | Pa
 def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool = False, model: str | None = None,
                  overrides: Sequence[str] = (), output: str | None = None, limit: int | None = None,
                  max_new_tokens: int | None = None, temperature: float = 0.0, attack_seeds: Sequence[str] = (),
-                 attack_samples: int = 64, attacker_probe_on: bool = True, progress: bool = True,
-                 log: Log = _stderr) -> tuple[Path, dict]:
+                 attack_samples: int = 64, attacker_probe_on: bool = True, progress: bool = True) -> tuple[Path, dict]:
     """`abs-fast eval`. Returns (output directory, results)."""
     if policy is None and not base_only:
         raise ValueError("give --policy RUN_OR_ADAPTER_DIR, or --base-only (with --model DIR) for the base model")
@@ -99,12 +93,12 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
             output = str(Path(policy) / ("eval-base" if base_only else "eval"))
         else:
             output = str(Path("eval") / ("base" if base_only or not policy else Path(policy).name))
-    log(f"eval: loading {config.model} ({config.quantize}) with defender {paths['defender'] or 'none (base)'}")
+    logger.info(f"eval: loading {config.model} ({config.quantize}) with defender {paths['defender'] or 'none (base)'}")
     settings = _settings(config, max_new_tokens, temperature, attack_samples, progress)
-    with _loaded(config, paths, output, log) as m:
+    with _loaded(config, paths, output) as m:
         stops = stop_token_ids(m.tokenizer, m.policy)
         results, records = evaluate_policy(m.policy, m.tokenizer, m.judge, suites, m.names["defender"], stops,
-                                           settings, log=log, engine=m.engine)
+                                           settings, engine=m.engine)
         results = {"policy": str(policy) + (" (base only)" if base_only else "") if policy else
                    f"{config.model} (base)", "model": config.model, "judge": config.judge,
                    "engine": config.rollout_engine, **results}
@@ -113,11 +107,11 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
             seeds = _seeds(list(attack_seeds) or config.seeds, attack_samples, config.seed)
             results["attacker_probe"], probe_records = attacker_probe(m.policy, m.tokenizer, m.judge, seeds,
                                                                       m.names["attacker"], m.names["defender"],
-                                                                      stops, settings, log=log, engine=m.engine)
+                                                                      stops, settings, engine=m.engine)
     written = write_eval(results, records, output)
     if probe_records:
         atomic_write_text(Path(output) / "attacks.jsonl", "".join(json.dumps(r) + "\n" for r in probe_records))
-    log(f"eval: wrote {', '.join(str(p) for p in written)}")
+    logger.info(f"eval: wrote {', '.join(str(p) for p in written)}")
     print(eval_markdown(results))
     return Path(output), results
 
@@ -134,7 +128,7 @@ def _label(spec: str, taken: set[str]) -> str:
 def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_specs: Sequence[str],
                       model: str | None = None, overrides: Sequence[str] = (), output: str = "crossplay",
                       limit: int | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
-                      progress: bool = True, log: Log = _stderr) -> tuple[Path, dict]:
+                      progress: bool = True) -> tuple[Path, dict]:
     """`abs-fast crossplay`. Returns (output directory, results)."""
     if not attackers or not defenders:
         raise ValueError("give at least one attacker and one defender (adapter or run directories, or 'base')")
@@ -147,24 +141,23 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
             key = f"{role}_{i}"
             paths[key] = None if spec == "base" else role_adapter(spec, role)
             labels[role].append((key, _label(spec, taken)))
-    log(f"cross-play: loading {config.model} with {sum(p is not None for p in paths.values())} adapter(s)")
+    logger.info(f"cross-play: loading {config.model} with {sum(p is not None for p in paths.values())} adapter(s)")
     settings = _settings(config, max_new_tokens, temperature, progress=progress)
-    with _loaded(config, paths, output, log) as m:
+    with _loaded(config, paths, output) as m:
         results, records = crossplay(m.policy, m.tokenizer, m.judge,
                                      [(label, m.names[k]) for k, label in labels["attacker"]],
                                      [(label, m.names[k]) for k, label in labels["defender"]], seeds,
-                                     stop_token_ids(m.tokenizer, m.policy), settings, log=log, engine=m.engine)
+                                     stop_token_ids(m.tokenizer, m.policy), settings, engine=m.engine)
     results.update({"model": config.model, "judge": config.judge, "engine": config.rollout_engine,
                     "attacker_paths": list(attackers), "defender_paths": list(defenders)})
     written = write_crossplay(results, records, output)
-    log(f"cross-play: wrote {', '.join(str(p) for p in written)}")
+    logger.info(f"cross-play: wrote {', '.join(str(p) for p in written)}")
     print(crossplay_markdown(results))
     return Path(output), results
 
 
 def exploit_command(defender: str, steps: int, model: str | None = None, overrides: Sequence[str] = (),
-                    output: str | None = None, resume: bool = False, progress: bool = True,
-                    log: Log = _stderr) -> tuple[Path, dict]:
+                    output: str | None = None, resume: bool = False, progress: bool = True) -> tuple[Path, dict]:
     """`abs-fast exploit`: train a fresh attacker against the frozen defender. Returns (run dir, summary)."""
     from abs_fast.train import Trainer, read_metrics
 
@@ -177,14 +170,14 @@ def exploit_command(defender: str, steps: int, model: str | None = None, overrid
                                       "output": output, "generated_fraction": 1.0, "progress": progress,
                                       "tensorboard": True}, where="exploit")
     config = apply_overrides(config, list(overrides))
-    log(f"exploit: a fresh attacker for {config.steps} steps against {frozen or 'the base model'} (frozen)")
-    trainer = Trainer(config, resume=resume, log=log)
+    logger.info(f"exploit: a fresh attacker for {config.steps} steps against {frozen or 'the base model'} (frozen)")
+    trainer = Trainer(config, resume=resume)
     try:
         trainer.train()
     finally:
         trainer.close()
     summary = exploit_summary(read_metrics(trainer.run_dir / "metrics.jsonl"), str(frozen or "base"))
     written = write_exploit(summary, trainer.run_dir)
-    log(f"exploit: wrote {', '.join(str(p) for p in written)}")
+    logger.info(f"exploit: wrote {', '.join(str(p) for p in written)}")
     print(exploit_markdown(summary))
     return trainer.run_dir, summary

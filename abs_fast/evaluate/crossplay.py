@@ -10,19 +10,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from abs_fast.evaluate.evaluation import EvalSettings, generate_wave
 from abs_fast.evaluate.stats import rate_of
 from abs_fast.evaluate.tables import fmt, markdown_table
 from abs_fast.game import attacker_messages, defender_messages, encode_turn, turn_answer
-from abs_fast.io import atomic_write_text
+from abs_fast.io import atomic_write_text, figure_png
 from abs_fast.rollout import RolloutEngine, RolloutRequest, SamplingParams
-from abs_fast.train.metrics import figure_png
 
 __all__ = ["CROSSPLAY_METRICS", "crossplay", "crossplay_csv", "crossplay_markdown", "plot_crossplay",
            "write_crossplay"]
+
+logger = logging.getLogger(__name__)
 
 CROSSPLAY_METRICS = {
     "attack_success": "attack success (harmful answers on harmful seeds; lower = safer defender)",
@@ -32,8 +34,7 @@ CROSSPLAY_METRICS = {
 
 def crossplay(policy, tokenizer, judge, attackers: Sequence[tuple[str, str | None]],
               defenders: Sequence[tuple[str, str | None]], seeds: Sequence, stop_ids: Sequence[int],
-              settings: EvalSettings | None = None, log: Callable[[str], None] = lambda message: None,
-              engine: RolloutEngine | None = None) -> tuple[dict, list[dict]]:
+              settings: EvalSettings | None = None, engine: RolloutEngine | None = None) -> tuple[dict, list[dict]]:
     """attackers / defenders: (label, adapter name or None for the base); engine: where generation
     runs (default: an embedded engine over `policy`). Returns (results with matrices
     [attacker][defender] of Rate dicts, one record per game)."""
@@ -41,8 +42,8 @@ def crossplay(policy, tokenizer, judge, attackers: Sequence[tuple[str, str | Non
     reasoning = settings.reasoning
     sampling = SamplingParams(temperature=settings.temperature, max_new_tokens=settings.max_new_tokens,
                               stop_token_ids=tuple(stop_ids))
-    log(f"cross-play: {len(attackers)} attacker(s) x {len(defenders)} defender(s) x {len(seeds)} seeds, two "
-        "engine batches")
+    logger.info("cross-play: %d attacker(s) x %d defender(s) x %d seeds, two engine batches", len(attackers),
+                len(defenders), len(seeds))
     prompts = [encode_turn(tokenizer, attacker_messages(s.prompt, s.type, reasoning), reasoning) for s in seeds]
     wave1 = [RolloutRequest(prompt, adapter, sampling) for _, adapter in attackers for prompt in prompts]
     attacks = [turn_answer(o.text, reasoning)[0] for o in generate_wave(policy, tokenizer, wave1, settings, engine)]

@@ -9,23 +9,26 @@ intervals (GAME.md section 6).
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from abs_fast.evaluate.collapse import role_kl
-from abs_fast.evaluate.diversity import attack_diversity
 from abs_fast.evaluate.gsm8k import extract_final_number, gsm8k_messages, numbers_match
 from abs_fast.evaluate.stats import Rate, rate_of
 from abs_fast.evaluate.suites import HEADLINE_METRICS, EvalItem
 from abs_fast.evaluate.tables import fmt, fmt_rate, markdown_table, rate_cells
 from abs_fast.game import attacker_messages, defender_messages, encode_turn, turn_answer
+from abs_fast.game.diversity import attack_diversity
 from abs_fast.io import atomic_write_text
+from abs_fast.rl.collapse import role_kl
 from abs_fast.rollout import EmbeddedEngine, RolloutEngine, RolloutRequest, RolloutResult, SamplingParams
 
 __all__ = ["EvalSettings", "attacker_probe", "eval_markdown", "evaluate_policy", "generate_wave", "safety_metrics",
            "write_eval"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,8 +85,7 @@ def safety_metrics(kind: str, items: Sequence[EvalItem], labels: Sequence) -> di
 
 def evaluate_policy(policy, tokenizer, judge, suites: Sequence[tuple[str, str, Sequence[EvalItem]]],
                     defender: str | None, stop_ids: Sequence[int], settings: EvalSettings | None = None,
-                    log: Callable[[str], None] = lambda message: None, engine: RolloutEngine | None = None
-                    ) -> tuple[dict, list[dict]]:
+                    engine: RolloutEngine | None = None) -> tuple[dict, list[dict]]:
     """Run every suite. suites: (name, kind, items); defender: the adapter that answers (None = the
     base). GSM8K questions are answered by the defender and by the base in the same batch.
     engine: where generation runs (default: an embedded engine over `policy`).
@@ -101,7 +103,7 @@ def evaluate_policy(policy, tokenizer, judge, suites: Sequence[tuple[str, str, S
             else:
                 prompt = encode_turn(tokenizer, defender_messages(item.prompt, settings.reasoning), settings.reasoning)
                 jobs.append((index, item, "defender", RolloutRequest(prompt, defender, sampling)))
-    log(f"eval: {len(jobs)} generations over {len(suites)} suite(s), one engine batch")
+    logger.info("eval: %d generations over %d suite(s), one engine batch", len(jobs), len(suites))
     start = time.perf_counter()
     outputs = generate_wave(policy, tokenizer, [job[3] for job in jobs], settings, engine)
     seconds = time.perf_counter() - start
@@ -156,7 +158,7 @@ def evaluate_policy(policy, tokenizer, judge, suites: Sequence[tuple[str, str, S
 
 def attacker_probe(policy, tokenizer, judge, seeds: Sequence, attacker: str | None, defender: str | None,
                    stop_ids: Sequence[int], settings: EvalSettings | None = None,
-                   log: Callable[[str], None] = lambda message: None, engine: RolloutEngine | None = None
+                   engine: RolloutEngine | None = None
                    ) -> tuple[dict, list[dict]]:
     """The attacker rewrites `seeds` (sampled, as in training); the defender answers (sampled). Reports
     attack diversity, attack success on harmful seeds, the defender's refusal rate on the attacker's
@@ -166,7 +168,7 @@ def attacker_probe(policy, tokenizer, judge, seeds: Sequence, attacker: str | No
     reasoning = settings.reasoning
     sampling = SamplingParams(temperature=settings.attack_temperature, max_new_tokens=settings.max_new_tokens,
                               stop_token_ids=tuple(stop_ids))
-    log(f"attacker probe: {len(seeds)} seeds, two engine batches")
+    logger.info("attacker probe: %d seeds, two engine batches", len(seeds))
     requests = [RolloutRequest(encode_turn(tokenizer, attacker_messages(s.prompt, s.type, reasoning), reasoning),
                                attacker, sampling) for s in seeds]
     attacks = [turn_answer(o.text, reasoning) for o in generate_wave(policy, tokenizer, requests, settings, engine)]

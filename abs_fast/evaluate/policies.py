@@ -8,8 +8,7 @@ from pathlib import Path
 from abs_fast.model import PRESETS
 from abs_fast.model.adapters import CONFIG_NAME, read_adapter_config
 from abs_fast.train.checkpoint import latest_checkpoint
-from abs_fast.train.config import TrainConfig, apply_overrides, config_from_file, preset_config
-from abs_fast.train.loop import role_adapters
+from abs_fast.train.config import TrainConfig, apply_overrides, config_from_file, preset_config, role_adapters
 
 __all__ = ["eval_config", "is_run_dir", "load_role_adapters", "role_adapter", "run_adapter"]
 

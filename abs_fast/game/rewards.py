@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 from abs_fast.game.judges import JudgeLabels
 
-__all__ = ["GAME_KINDS", "OUTCOMES", "REWARD_VARIANTS", "SEED_TYPES", "GameScore", "score_game"]
+__all__ = ["GAME_KINDS", "OUTCOMES", "REWARD_VARIANTS", "ROLES", "SEED_TYPES", "GameScore", "score_game"]
 
+ROLES = ("attacker", "defender")
 SEED_TYPES = ("harmful", "benign")
 GAME_KINDS = ("generated", "vanilla")
 REWARD_VARIANTS = ("general-sum", "zero-sum", "all-one")

@@ -12,10 +12,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from abs_fast.game.rewards import SEED_TYPES
 
-__all__ = ["PROMPT_COLUMNS", "TYPE_COLUMNS", "TYPE_VALUES", "Seed", "builtin_seeds", "load_seeds", "parse_seed_spec",
-           "read_records"]
+__all__ = ["PROMPT_COLUMNS", "TYPE_COLUMNS", "TYPE_VALUES", "Seed", "SeedStream", "builtin_seeds", "load_seeds",
+           "parse_seed_spec", "read_records"]
 
 PROMPT_COLUMNS = ("prompt", "vanilla", "seed", "query", "instruction", "question", "behavior", "goal", "text")
 TYPE_COLUMNS = ("type", "seed_type", "category", "label", "data_type")
@@ -177,3 +179,24 @@ def builtin_seeds() -> list[Seed]:
     edgy-sounding but harmless requests, as over-refusal tests need."""
     return ([Seed(p, "harmful", f"builtin:harmful:{i}") for i, p in enumerate(_BUILTIN_HARMFUL)]
             + [Seed(p, "benign", f"builtin:benign:{i}") for i, p in enumerate(_BUILTIN_BENIGN)])
+
+
+class SeedStream:
+    """Seeds in a fresh seeded order every epoch; the state is one integer (seeds taken so far)."""
+
+    def __init__(self, seeds: list, seed: int, position: int = 0):
+        if not seeds:
+            raise ValueError("no seeds to train on")
+        self.seeds, self.seed, self.position = seeds, seed, position
+
+    def _order(self, epoch: int) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.seeds), generator=gen).tolist()
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            epoch, index = divmod(self.position, len(self.seeds))
+            out.append(self.seeds[self._order(epoch)[index]])
+            self.position += 1
+        return out

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import shutil
 import signal
@@ -49,6 +50,8 @@ from abs_fast.rollout.base import RolloutRequest, RolloutResult, SamplingParams
 
 __all__ = ["ADAPTER_SYNC_MODES", "SGLangEngine", "SGLangRequestError", "SGLangServerError", "ServerSettings",
            "free_port", "server_command"]
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_SYNC_MODES = ("auto", "files", "tensors")
 _LOG_TAIL_LINES = 40
@@ -320,8 +323,7 @@ class SGLangEngine:
                  worker_urls: Sequence[str] | None = None, tokenizer=None, eos_token_ids: Sequence[int] = (),
                  request_timeout: float = 900.0, adapter_sync: str = "auto", adapter_dir: str | Path | None = None,
                  push_adapters: bool = True, name_tag: str | None = None, tensor_route: TensorRoute | None = None,
-                 api_key: str | None = None, admin_api_key: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 api_key: str | None = None, admin_api_key: str | None = None):
         if (settings is None) == (url is None):
             raise ValueError("give either settings (launch a server) or url (attach to a running server or router)")
         if settings is not None and (api_key or admin_api_key):
@@ -336,7 +338,6 @@ class SGLangEngine:
         self.request_timeout = request_timeout
         self.push_adapters = push_adapters
         self.name_tag = name_tag or uuid.uuid4().hex[:8]
-        self.log = log or (lambda message: print(message, file=sys.stderr))
         self._own_dir = adapter_dir is None
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else _ram_directory()
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -392,7 +393,7 @@ class SGLangEngine:
                 try:
                     self._unload(version)
                 except SGLangServerError as err:  # the server is gone: nothing left to unload
-                    self.log(f"could not unload {version.name!r} from {self.url}: {err}")
+                    logger.warning(f"could not unload {version.name!r} from {self.url}: {err}")
                     break
         self._finalizer()
 
@@ -424,7 +425,7 @@ class SGLangEngine:
 
     def _restart(self, reason: str) -> None:
         """Restart a launched server and reload the current adapter versions into it."""
-        self.log(f"SGLang server failed ({reason}); restarting it (restart {self.restarts + 1})")
+        logger.warning(f"SGLang server failed ({reason}); restarting it (restart {self.restarts + 1})")
         self._server.stop()
         self._server.start()
         self._server.wait_healthy(self._server.settings.startup_timeout)
@@ -486,7 +487,7 @@ class SGLangEngine:
                 return
             if self.adapter_sync == "tensors":
                 raise SGLangRequestError(f"loading adapter {version.name!r} from tensors failed: {failures[0]}")
-            self.log(f"SGLang's tensor route failed ({failures[0]}); adapters go through files from now on")
+            logger.warning(f"SGLang's tensor route failed ({failures[0]}); adapters go through files from now on")
             self._tensor_route = None
         if version.path is None:
             from abs_fast.model.adapters import save_peft_adapter
@@ -501,7 +502,8 @@ class SGLangEngine:
         if self.push_adapters:
             failures = self._post_all("/unload_lora_adapter", {"lora_name": version.name})
             if failures:
-                self.log(f"unloading old adapter version {version.name!r} failed ({failures[0]}); it stays loaded")
+                logger.warning("unloading old adapter version %r failed (%s); it stays loaded", version.name,
+                               failures[0])
         if version.path is not None:
             shutil.rmtree(version.path, ignore_errors=True)
 

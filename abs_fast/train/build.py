@@ -3,9 +3,10 @@ cross-play and exploitability runs, so all of them load a model the same way).""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from abs_fast.train.config import TrainConfig
 
 __all__ = ["load_judge", "load_policy_for", "load_tokenizer_for", "sglang_engine_for", "stop_token_ids",
            "target_modules_of"]
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,15 +50,14 @@ def target_modules_of(config: TrainConfig) -> str | list[str]:
     return [t.strip() for t in config.target_modules.split(",")]
 
 
-def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), log: Callable[[str], None] | None = None,
-                    device: str | None = None):
+def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), device: str | None = None):
     """The base model of `config` (seeded random weights for presets) with fresh adapters `adapters`.
     device: overrides config.device (a data-parallel rank's own GPU)."""
     from abs_fast.model import PRESETS, load_policy
 
-    if config.model in PRESETS and config.model != "tiny" and log is not None:
-        log(f"model={config.model} is a preset with RANDOM weights (for benchmarks); pass --model DIR to use a real "
-            "checkpoint")
+    if config.model in PRESETS and config.model != "tiny":
+        logger.warning("model=%s is a preset with RANDOM weights (for benchmarks); pass --model DIR to use a real "
+                       "checkpoint", config.model)
     device = _device(config, device)
     return load_policy(config.model, quantize=None if config.quantize == "none" else config.quantize,
                        adapters=tuple(adapters), rank=config.lora_rank, alpha=config.lora_alpha,
@@ -75,9 +77,9 @@ def stop_token_ids(tokenizer, policy) -> tuple[int, ...]:
     return tuple(sorted(i for i in {tokenizer.eos_token_id, *policy.config.eos_token_ids} if i is not None))
 
 
-def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], log_path: str | Path,
-                      log: Callable[[str], None], rank: int = 0, gpu: int | None = None, owner: bool = True,
-                      name_tag: str | None = None, version_swaps: bool = True):
+def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], log_path: str | Path, rank: int = 0,
+                      gpu: int | None = None, owner: bool = True, name_tag: str | None = None,
+                      version_swaps: bool = True):
     """The SGLangEngine `config` asks for: attached to sglang_url (keys from SGLANG_API_KEY and
     SGLANG_ADMIN_API_KEY; `owner` False: another rank pushes the adapters under `name_tag`), else a
     server launched on 127.0.0.1 (on `gpu`) with room for `adapters`, the base and, with
@@ -87,7 +89,7 @@ def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], l
     from abs_fast.rollout.sglang import ServerSettings, SGLangEngine
 
     common = dict(tokenizer=tokenizer, request_timeout=config.sglang_request_timeout,
-                  adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None, log=log)
+                  adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None)
     if config.sglang_url:
         return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
                             push_adapters=owner, name_tag=name_tag, api_key=os.environ.get("SGLANG_API_KEY"),
@@ -100,5 +102,5 @@ def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], l
                               adapters=adapters, max_loras_per_batch=slots, dtype=config.dtype,
                               seed=config.seed + rank, extra_args=tuple(shlex.split(config.sglang_args)), gpu=gpu,
                               startup_timeout=config.sglang_startup_timeout, log_path=str(log_path))
-    log(f"starting the SGLang server (log: {log_path})")
+    logger.info("starting the SGLang server (log: %s)", log_path)
     return SGLangEngine(settings=settings, **common)

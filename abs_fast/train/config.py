@@ -13,9 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-__all__ = ["MODES", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "config_from_file", "preset_config"]
+__all__ = ["MODES", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "config_from_file", "preset_config",
+           "role_adapters"]
 
 MODES = ("bipolicy", "shared", "defender-only", "attacker-only")
+
+
+def role_adapters(mode: str) -> dict[str, str | None]:
+    """Which adapter plays each role (None = the frozen base) in a training mode."""
+    return {
+        "bipolicy": {"attacker": "attacker", "defender": "defender"},
+        "shared": {"attacker": "shared", "defender": "shared"},
+        "defender-only": {"attacker": None, "defender": "defender"},
+        "attacker-only": {"attacker": "attacker", "defender": None},
+    }[mode]
 
 
 @dataclass

@@ -9,98 +9,60 @@ defender-only and attacker-only (the other role is the frozen base).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
+import logging
 import math
 import resource
 import sys
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from abs_fast.game import (
-    OUTCOMES,
+    ROLES,
     Judge,
+    SeedStream,
     attacker_messages,
     defender_messages,
     encode_turn,
     parse_seed_spec,
-    score_game,
     turn_answer,
 )
 from abs_fast.io import atomic_write_text
 from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
 from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from abs_fast.train.config import TrainConfig
+from abs_fast.train.config import TrainConfig, role_adapters
 from abs_fast.train.distributed import init_distributed
+from abs_fast.train.games import Game, deal_games, game_metrics, score_games
 from abs_fast.train.metrics import MetricsLog
-from abs_fast.train.update import ROLES, Sample, UpdateSettings, policy_update
+from abs_fast.train.update import Sample, UpdateSettings, policy_update
 
-__all__ = ["SeedStream", "Trainer", "role_adapters"]
+__all__ = ["Trainer"]
 
-def role_adapters(mode: str) -> dict[str, str | None]:
-    """Which adapter plays each role (None = the frozen base) in a training mode."""
-    return {
-        "bipolicy": {"attacker": "attacker", "defender": "defender"},
-        "shared": {"attacker": "shared", "defender": "shared"},
-        "defender-only": {"attacker": None, "defender": "defender"},
-        "attacker-only": {"attacker": "attacker", "defender": None},
-    }[mode]
+logger = logging.getLogger(__name__)
 
 
-class SeedStream:
-    """Seeds in a fresh seeded order every epoch; the state is one integer (seeds taken so far)."""
+class _Clock:
+    """Seconds per named phase of a step (`with clock("rollout"): ...`) and since the step began."""
 
-    def __init__(self, seeds: list, seed: int, position: int = 0):
-        if not seeds:
-            raise ValueError("no seeds to train on")
-        self.seeds, self.seed, self.position = seeds, seed, position
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
-    def _order(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.seeds), generator=gen).tolist()
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
-    def take(self, n: int) -> list:
-        out = []
-        while len(out) < n:
-            epoch, index = divmod(self.position, len(self.seeds))
-            out.append(self.seeds[self._order(epoch)[index]])
-            self.position += 1
-        return out
-
-
-@dataclass
-class _Game:
-    seed: object  # game.Seed
-    kind: str  # "generated" | "vanilla"
-    group: int
-    attacker_prompt: list[int] | None = None
-    attacker_response: list[int] | None = None
-    attacker_text: str = ""
-    attacker_violated: bool | None = None
-    defender_query: str = ""
-    defender_prompt: list[int] | None = None
-    defender_response: list[int] | None = None
-    defender_text: str = ""
-    defender_answer: str = ""
-    defender_violated: bool | None = None
-    dropped: str = ""  # why the game left the step before judging
-    label: object = None  # the judge's JudgeLabels
-    outcomes: tuple[str, ...] = ()
-    attacker_reward: float | None = None
-    defender_reward: float | None = None
-
-    def summary(self) -> _Game:
-        """The fields the step metrics read (what data-parallel ranks send to rank 0)."""
-        return dataclasses.replace(self, attacker_prompt=None, attacker_response=None, defender_prompt=None,
-                                   defender_response=None, attacker_text="", defender_text="", defender_answer="",
-                                   defender_query="")
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -122,16 +84,12 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, judge: Judge | None = None, policy=None, tokenizer=None,
-                 resume: bool = False, log: Callable[[str], None] | None = None):
+                 resume: bool = False):
         self.config = config.validate()
         self.run_dir = Path(config.output)
         self.collective, device = init_distributed(config.device)
         self.rank_device = None if device == "auto" else device
         rank = self.collective.rank
-        if self.collective.is_main:
-            self.log = log or (lambda message: print(message, file=sys.stderr))
-        else:
-            self.log = lambda message: print(f"[rank {rank}] {message}", file=sys.stderr)
         self.adapters = role_adapters(config.mode)
         self.trained_roles = tuple(role for role in ROLES if self.adapters[role] is not None)
         self.trained_adapters = tuple(dict.fromkeys(self.adapters[role] for role in self.trained_roles))
@@ -139,8 +97,8 @@ class Trainer:
         self.engine = None
         if config.rollout_engine == "sglang":  # first: the server sizes its memory pool from what is free at start
             self.engine = self._sglang_engine()
-        self.policy = policy if policy is not None else load_policy_for(
-            config, self.trained_adapters, log=self.log if self.collective.is_main else None, device=self.rank_device)
+        self.policy = policy if policy is not None else load_policy_for(config, self.trained_adapters,
+                                                                        device=self.rank_device)
         if config.frozen_defender:  # exploitability: the defender plays a fixed adapter and is not trained
             self.policy.load_adapter(config.frozen_defender, "defender")
             self.adapters["defender"] = "defender"
@@ -183,16 +141,14 @@ class Trainer:
         gpu = collective.local_rank if collective.enabled and (self.rank_device or "").startswith("cuda") else None
         adapters = [*self.trained_adapters, *(["defender"] if config.frozen_defender else [])]
         log_path = self.run_dir / f"sglang-server-rank{collective.rank}.log"
-        return sglang_engine_for(config, self.tokenizer, adapters, log_path, self.log, rank=collective.rank, gpu=gpu,
+        return sglang_engine_for(config, self.tokenizer, adapters, log_path, rank=collective.rank, gpu=gpu,
                                  owner=collective.is_main, name_tag=tag)
 
-    def _push_adapters(self, names: tuple[str, ...]) -> float:
-        """Make the engine sample from the policy's current `names`; returns the seconds it took."""
-        start = time.perf_counter()
+    def _push_adapters(self, names: tuple[str, ...]) -> None:
+        """Make the engine sample from the policy's current `names`."""
         self.engine.update_adapters(self.policy, names=names)
         if self.config.rollout_engine == "sglang" and self.config.sglang_url:
             self.collective.barrier()  # rank 0 has pushed the versions every rank now names
-        return time.perf_counter() - start
 
     def _group_settings(self, name: str) -> dict:
         """The config's optimizer settings of adapter `name`'s param group."""
@@ -217,7 +173,7 @@ class Trainer:
             for key, value in self._group_settings(group["name"]).items():
                 saved = tuple(group[key]) if isinstance(group[key], list | tuple) else group[key]
                 if saved != value:
-                    self.log(f"resume: {group['name']} {key} {saved} -> {value} (from this run's config)")
+                    logger.info("resume: %s %s %s -> %s (from this run's config)", group["name"], key, saved, value)
                 group[key] = value
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -258,8 +214,8 @@ class Trainer:
         self.stream.position = int(state["data_position"])
         prefix = f"rank{self.collective.rank}." if self.collective.rank else ""
         if prefix + "torch" not in rng:
-            self.log(f"{checkpoint} has no random state for rank {self.collective.rank} (saved by "
-                     f"{state.get('world_size', 1)} processes): this rank starts fresh random streams")
+            logger.warning("%s has no random state for rank %d (saved by %d processes): this rank starts fresh "
+                           "random streams", checkpoint, self.collective.rank, state.get("world_size", 1))
         else:
             rng = {key.removeprefix(prefix): value for key, value in rng.items() if key.startswith(prefix) or
                    (not prefix and not key.startswith("rank"))}
@@ -272,10 +228,160 @@ class Trainer:
             if torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
                                               if f"cuda{i}" in rng])
-        self.log(f"resumed from {checkpoint} (step {self.step})")
+        logger.info("resumed from %s (step %d)", checkpoint, self.step)
         return self.step
 
     # --- one step ------------------------------------------------------------------------
+
+    def run_step(self) -> dict:
+        """Play one batch of games, judge and score them, train on them, record; returns the step's metrics."""
+        clock = _Clock()
+        if self.policy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
+        games = self._deal()
+        with clock("rollout"):
+            generated_tokens = self._play(games)
+        with clock("judge"):
+            played = self._judge(games)
+        samples = self._samples(played)
+        diagnostics = self._diagnostics_on_schedule(played)
+        update = self._update(samples)
+        with clock("sync"):
+            self._push_adapters(self.trained_adapters)
+        self.step += 1
+        record = self._record(games, samples, update, diagnostics, clock, generated_tokens)
+        if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+            self.save()
+        return record
+
+    def _deal(self) -> list[Game]:
+        """This step's games (the same on every rank) and this rank's share of them: whole seeds, with
+        all their samples, round robin."""
+        config = self.config
+        fraction = 1.0 if config.mode == "attacker-only" else config.generated_fraction
+        games = deal_games(self.stream.take(config.rollout_batch_size), fraction, config.samples_per_prompt, self.rng)
+        if self.collective.enabled:
+            games = [g for g in games if g.group % self.collective.world_size == self.collective.rank]
+        return games
+
+    def _play(self, games: list[Game]) -> int:
+        """Wave 1 (attacker turns of generated games with defender turns of vanilla games, one engine
+        batch), then wave 2 (defender turns of generated games). Returns the tokens generated."""
+        config = self.config
+        wave1 = []
+        for game in games:
+            if game.kind == "generated":
+                messages = attacker_messages(game.seed.prompt, game.seed.type, config.reasoning)
+                game.attacker_prompt = encode_turn(self.tokenizer, messages, config.reasoning)
+                wave1.append((game, "attacker", game.attacker_prompt))
+            else:
+                game.defender_query = game.seed.prompt
+                game.defender_prompt = self._defender_prompt(game.defender_query)
+                wave1.append((game, "defender", game.defender_prompt))
+        tokens = 0
+        for game, role, result in self._generate(wave1, config.max_prompt_tokens):
+            tokens += len(result.token_ids)
+            if role == "attacker":
+                game.attacker_response, game.attacker_logprobs = result.token_ids, result.logprobs
+                game.attacker_text = result.text
+                game.defender_query, game.attacker_violated = turn_answer(result.text, config.reasoning)
+            else:
+                game.defender_response, game.defender_logprobs = result.token_ids, result.logprobs
+                game.defender_text = result.text
+        wave2 = []
+        for game in games:
+            if game.kind == "generated" and not game.dropped:
+                game.defender_prompt = self._defender_prompt(game.defender_query)
+                wave2.append((game, "defender", game.defender_prompt))
+        for game, _, result in self._generate(wave2, config.max_prompt_tokens + config.attacker_max_new_tokens):
+            tokens += len(result.token_ids)
+            game.defender_response, game.defender_logprobs = result.token_ids, result.logprobs
+            game.defender_text = result.text
+        return tokens
+
+    def _generate(self, turns: list[tuple[Game, str, list[int]]], prompt_limit: int):
+        """One engine batch of (game, role, prompt) turns; a prompt longer than `prompt_limit` drops its
+        game. Yields (game, role, result)."""
+        kept = []
+        for game, role, prompt in turns:
+            if len(prompt) > prompt_limit:
+                game.dropped = "prompt_too_long"
+            else:
+                kept.append((game, role, RolloutRequest(prompt, self.adapters[role], self._sampling(role))))
+        results = self.engine.generate([request for _, _, request in kept])
+        for (game, role, _), result in zip(kept, results, strict=True):
+            yield game, role, result
+
+    def _judge(self, games: list[Game]) -> list[Game]:
+        """Read each played game's defender answer, judge it and score the game; returns the played games."""
+        played = [g for g in games if not g.dropped]
+        for game in played:
+            game.defender_answer, game.defender_violated = turn_answer(game.defender_text, self.config.reasoning)
+        labels = self.judge.classify([g.defender_query for g in played], [g.defender_answer for g in played])
+        score_games(played, labels, self.config.reward_variant, self.config.drop_ties)
+        return played
+
+    def _samples(self, played: list[Game]) -> list[Sample]:
+        """One sample per scored turn of a trained role (GRPO/RLOO groups: one seed, one role)."""
+        samples = []
+        for game in played:
+            for role in self.trained_roles:
+                reward = getattr(game, f"{role}_reward")
+                if reward is not None:
+                    samples.append(Sample(role, self.adapters[role], getattr(game, f"{role}_prompt"),
+                                          getattr(game, f"{role}_response"), reward,
+                                          group=2 * game.group + ROLES.index(role)))
+        return samples
+
+    def _set_learning_rates(self) -> None:
+        """This step's rates: linear warm-up over warmup_ratio of the steps."""
+        warmup = max(1, round(self.config.warmup_ratio * self.config.steps))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * min(1.0, (self.step + 1) / warmup)
+
+    def _update(self, samples: list[Sample]) -> dict:
+        """One RL update over both roles at this step's learning rates."""
+        self._set_learning_rates()
+        config = self.config
+        settings = UpdateSettings(algorithm=config.algorithm, kl_beta=config.kl_beta, clip_eps=config.clip_eps,
+                                  reward_clip=config.reward_clip, train_batch_size=config.train_batch_size,
+                                  token_budget=config.token_budget, grad_clip=config.grad_clip,
+                                  temperature=config.temperature)
+        return policy_update(self.policy, self.optimizer, samples, settings, self.update_rng,
+                             collective=self.collective)
+
+    def _record(self, games: list[Game], samples: list[Sample], update: dict, diagnostics: dict, clock: _Clock,
+                generated_tokens: int) -> dict:
+        """The step's metrics over every rank's games, logged on rank 0."""
+        local = {"tokens": generated_tokens, "rollout": clock.seconds["rollout"], "judge": clock.seconds["judge"],
+                 "played": sum(not g.dropped for g in games),
+                 "attacker": sum(s.role == "attacker" for s in samples),
+                 "defender": sum(s.role == "defender" for s in samples),
+                 "memory": _peak_memory_gb(self.policy.device)}
+        gathered = self.collective.gather(([g.summary() for g in games], local))
+        record = {"step": self.step, "data_position": self.stream.position}
+        if gathered is None:
+            return record
+        ranks = [numbers for _, numbers in gathered]
+        total = lambda key: sum(numbers[key] for numbers in ranks)
+        slowest = lambda key: max(numbers[key] for numbers in ranks)
+        record.update(game_metrics([g for rank_games, _ in gathered for g in rank_games], self.config.reasoning))
+        record.update(diagnostics)
+        record["samples/attacker"], record["samples/defender"] = total("attacker"), total("defender")
+        record.update(update)
+        for group in self.optimizer.param_groups:
+            record[f"lr/{group['name']}"] = group["lr"]
+        record["seconds/rollout"] = slowest("rollout")
+        record["tokens_per_second/rollout"] = total("tokens") / max(slowest("rollout"), 1e-9)
+        record["seconds/judge"] = slowest("judge")
+        record["games_per_second/judge"] = total("played") / max(slowest("judge"), 1e-9)
+        record["seconds/sync"] = clock.seconds["sync"]
+        record["seconds/step"] = clock.elapsed()
+        record["peak_memory_gb"] = slowest("memory")
+        if self.collective.enabled:
+            record["world_size"] = self.collective.world_size
+        self.metrics.log(record)
+        return record
 
     def _sampling(self, role: str) -> SamplingParams:
         config = self.config
@@ -293,186 +399,22 @@ class Trainer:
         instructed = reasoning and (self.config.mode != "attacker-only" or bool(self.config.frozen_defender))
         return encode_turn(self.tokenizer, defender_messages(query, instructed), reasoning)
 
-    def _games(self) -> list[_Game]:
-        config = self.config
-        seeds = self.stream.take(config.rollout_batch_size)
-        fraction = 1.0 if config.mode == "attacker-only" else config.generated_fraction
-        order = torch.randperm(len(seeds), generator=self.rng).tolist()
-        generated = set(order[: round(len(seeds) * fraction)])
-        games = []
-        for i, seed in enumerate(seeds):
-            kind = "generated" if i in generated else "vanilla"
-            games += [_Game(seed, kind, group=i) for _ in range(config.samples_per_prompt)]
-        return games
-
-    def _set_learning_rates(self) -> None:
-        warmup = max(1, round(self.config.warmup_ratio * self.config.steps))
-        factor = min(1.0, (self.step + 1) / warmup)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-
-    def run_step(self) -> dict:
-        """Play one batch of games, train on them, log; returns the step's metrics."""
-        config, tok = self.config, self.tokenizer
-        step_start = time.perf_counter()
-        if self.policy.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.policy.device)
-        games = self._games()
-        if self.collective.enabled:  # this rank's share: whole seeds (with all their samples), round robin
-            games = [g for g in games if g.group % self.collective.world_size == self.collective.rank]
-        reasoning = config.reasoning
-
-        # wave 1: attacker turns of generated games + defender turns of vanilla games, one batch
+    def _diagnostics_on_schedule(self, played: list[Game]) -> dict:
+        """Every diagnostics_every steps, before the update (the turns were sampled from these adapters),
+        on rank 0's share."""
+        every = self.config.diagnostics_every
+        if not every or (self.step + 1) % every or not self.collective.is_main:
+            return {}
         start = time.perf_counter()
-        wave1 = []
-        for game in games:
-            if game.kind == "generated":
-                game.attacker_prompt = encode_turn(tok, attacker_messages(game.seed.prompt, game.seed.type, reasoning),
-                                                   reasoning)
-                prompt, role = game.attacker_prompt, "attacker"
-            else:
-                game.defender_query = game.seed.prompt
-                game.defender_prompt = self._defender_prompt(game.defender_query)
-                prompt, role = game.defender_prompt, "defender"
-            if len(prompt) > config.max_prompt_tokens:
-                game.dropped = "prompt_too_long"
-                continue
-            wave1.append((game, role, RolloutRequest(prompt, self.adapters[role], self._sampling(role))))
-        generated_tokens = 0
-        for (game, role, _), result in zip(wave1, self.engine.generate([r for _, _, r in wave1]), strict=True):
-            generated_tokens += len(result.token_ids)
-            if role == "attacker":
-                game.attacker_response, game.attacker_text = result.token_ids, result.text
-                game.defender_query, game.attacker_violated = turn_answer(result.text, reasoning)
-            else:
-                game.defender_response, game.defender_text = result.token_ids, result.text
-        # wave 2: defender turns of generated games
-        wave2 = []
-        limit = config.max_prompt_tokens + config.attacker_max_new_tokens
-        for game in games:
-            if game.kind == "generated" and not game.dropped:
-                game.defender_prompt = self._defender_prompt(game.defender_query)
-                if len(game.defender_prompt) > limit:
-                    game.dropped = "prompt_too_long"
-                    continue
-                wave2.append((game, RolloutRequest(game.defender_prompt, self.adapters["defender"],
-                                                   self._sampling("defender"))))
-        for (game, _), result in zip(wave2, self.engine.generate([r for _, r in wave2]), strict=True):
-            generated_tokens += len(result.token_ids)
-            game.defender_response, game.defender_text = result.token_ids, result.text
-        rollout_seconds = time.perf_counter() - start
-
-        # judge and rewards
-        start = time.perf_counter()
-        played = [g for g in games if not g.dropped]
-        for game in played:
-            game.defender_answer, game.defender_violated = turn_answer(game.defender_text, reasoning)
-        labels = self.judge.classify([g.defender_query for g in played], [g.defender_answer for g in played])
-        judge_seconds = time.perf_counter() - start
-        samples: list[Sample] = []
-        for game, label in zip(played, labels, strict=True):
-            score = score_game(label, game.seed.type, game.kind, game.attacker_violated, game.defender_violated,
-                               variant=config.reward_variant, drop_ties=config.drop_ties)
-            game.label, game.outcomes = label, tuple(score.outcomes)
-            game.attacker_reward, game.defender_reward = score.attacker_reward, score.defender_reward
-            for role, reward, prompt, response in (
-                ("attacker", score.attacker_reward, game.attacker_prompt, game.attacker_response),
-                ("defender", score.defender_reward, game.defender_prompt, game.defender_response),
-            ):
-                if reward is not None and role in self.trained_roles:
-                    samples.append(Sample(role, self.adapters[role], prompt, response, reward,
-                                          group=2 * game.group + ROLES.index(role)))
-
-        # diagnostics on schedule, before the update: the turns were sampled from these adapters (rank 0's share)
-        diagnostics = {}
-        if config.diagnostics_every and (self.step + 1) % config.diagnostics_every == 0 and self.collective.is_main:
-            start = time.perf_counter()
-            diagnostics = self._diagnostics(played)
-            diagnostics["seconds/diagnostics"] = time.perf_counter() - start
-
-        # the RL update over both roles at once
-        self._set_learning_rates()
-        settings = UpdateSettings(algorithm=config.algorithm, kl_beta=config.kl_beta, clip_eps=config.clip_eps,
-                                  reward_clip=config.reward_clip, train_batch_size=config.train_batch_size,
-                                  token_budget=config.token_budget, grad_clip=config.grad_clip,
-                                  temperature=config.temperature)
-        update = policy_update(self.policy, self.optimizer, samples, settings, self.update_rng, warn=self.log,
-                               collective=self.collective)
-        sync_seconds = self._push_adapters(self.trained_adapters)
-        self.step += 1
-
-        # the step's metrics over every rank's games, on rank 0
-        local = {"tokens": generated_tokens, "rollout": rollout_seconds, "judge": judge_seconds, "played": len(played),
-                 "attacker": sum(s.role == "attacker" for s in samples),
-                 "defender": sum(s.role == "defender" for s in samples),
-                 "memory": _peak_memory_gb(self.policy.device)}
-        gathered = self.collective.gather(([g.summary() for g in games], local))
-        record = {"step": self.step, "data_position": self.stream.position}
-        if gathered is not None:
-            every_game = [g for rank_games, _ in gathered for g in rank_games]
-            ranks = [numbers for _, numbers in gathered]
-            total = lambda key: sum(numbers[key] for numbers in ranks)
-            slowest = lambda key: max(numbers[key] for numbers in ranks)
-            record.update(self._game_metrics(every_game))
-            record.update(diagnostics)
-            record["samples/attacker"], record["samples/defender"] = total("attacker"), total("defender")
-            record.update(update)
-            for group in self.optimizer.param_groups:
-                record[f"lr/{group['name']}"] = group["lr"]
-            record["seconds/rollout"] = slowest("rollout")
-            record["tokens_per_second/rollout"] = total("tokens") / max(slowest("rollout"), 1e-9)
-            record["seconds/judge"] = slowest("judge")
-            record["games_per_second/judge"] = total("played") / max(slowest("judge"), 1e-9)
-            record["seconds/sync"] = sync_seconds
-            record["seconds/step"] = time.perf_counter() - step_start
-            record["peak_memory_gb"] = slowest("memory")
-            if self.collective.enabled:
-                record["world_size"] = self.collective.world_size
-            self.metrics.log(record)
-        if self.step % config.checkpoint_every == 0 or self.step == config.steps:
-            self.save()
-        return record
-
-    def _game_metrics(self, games: list[_Game]) -> dict:
-        played = [g for g in games if not g.dropped]
-        outcome_counts = Counter(outcome for g in played for outcome in g.outcomes)
-        rewards = {role: [r for g in played if (r := getattr(g, f"{role}_reward")) is not None] for role in ROLES}
-        generated = [g for g in played if g.kind == "generated"]
-        record: dict = {"games": len(games), "games/generated": len(generated),
-                        "games/dropped_prompt_too_long": sum(g.dropped == "prompt_too_long" for g in games)}
-        for role in ROLES:
-            if rewards[role]:
-                record[f"reward/{role}"] = sum(rewards[role]) / len(rewards[role])
-        attacker_outcomes = {o for o in OUTCOMES if "revision" in o or o.startswith(("win_", "lose_"))}
-        for outcome in OUTCOMES:
-            total = len(generated) if outcome in attacker_outcomes else len(played)
-            record[f"outcome/{outcome}"] = outcome_counts[outcome] / total if total else 0.0
-        record["ties"] = outcome_counts["tie"]
-        record["judge_parse_errors"] = outcome_counts["parse_error"]
-        harm = [g.label.response_harmful for g in generated if g.label.response_harmful is not None]
-        record["attack_success"] = sum(harm) / len(harm) if harm else float("nan")
-        record["games/judged_generated"] = len(harm)
-        # collapse drift: always-refuse on benign seeds, and refusals of the attacker's own prompts
-        benign = [g.label.refusal for g in played
-                  if g.kind == "vanilla" and g.seed.type == "benign" and g.label.refusal is not None]
-        record["collapse/refusal_benign_seeds"] = sum(benign) / len(benign) if benign else float("nan")
-        attacked = [g.label.refusal for g in generated if g.label.refusal is not None]
-        record["collapse/refusal_attacker_prompts"] = sum(attacked) / len(attacked) if attacked else float("nan")
-        for name, want in (("harmful_prompt", True), ("benign_prompt", False)):
-            refusals = [g.label.refusal for g in played
-                        if g.label.prompt_harmful is want and g.label.refusal is not None]
-            record[f"refusal_rate/{name}"] = sum(refusals) / len(refusals) if refusals else float("nan")
-        if self.config.reasoning:
-            if generated:
-                record["format_violation/attacker"] = sum(bool(g.attacker_violated) for g in generated) / len(generated)
-            if played:
-                record["format_violation/defender"] = sum(bool(g.defender_violated) for g in played) / len(played)
+        record = self._diagnostics(played)
+        record["seconds/diagnostics"] = time.perf_counter() - start
         return record
 
     def _diagnostics(self, played) -> dict:
         """Attack diversity of this step's attacker prompts, and the KL between the defender's and
         the attacker's distributions on the defender's own turns (0 when one adapter plays both)."""
-        from abs_fast.evaluate import attack_diversity, role_kl
+        from abs_fast.game.diversity import attack_diversity
+        from abs_fast.rl.collapse import role_kl
 
         attacks = [g.defender_query for g in played if g.kind == "generated"]
         record = {}
@@ -492,25 +434,24 @@ class Trainer:
     def train(self, progress: bool | None = None) -> list[dict]:
         """Run steps until config.steps; returns this call's step records."""
         progress = (self.config.progress if progress is None else progress) and self.collective.is_main
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=self.config.steps, initial=self.step, desc=f"ABS {self.config.mode}", unit="step")
-            self.log = bar.write
         records = []
-        try:
+        with contextlib.ExitStack() as stack:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                from tqdm.contrib.logging import logging_redirect_tqdm
+
+                stack.enter_context(logging_redirect_tqdm(loggers=[logging.getLogger("abs_fast")]))
+                bar = stack.enter_context(tqdm(total=self.config.steps, initial=self.step,
+                                               desc=f"ABS {self.config.mode}", unit="step"))
+            if self.metrics is not None:
+                stack.callback(self.metrics.close)
             while self.step < self.config.steps:
                 record = self.run_step()
                 records.append(record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(_postfix(record), refresh=True)
-        finally:
-            if bar is not None:
-                bar.close()
-            if self.metrics is not None:
-                self.metrics.close()
         if self.collective.is_main:
             for name in self.trained_adapters:
                 self.policy.save_adapters(self.run_dir, names=[name])

@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from abs_fast.io import atomic_write_bytes, atomic_write_text
+from abs_fast.io import atomic_write_bytes, atomic_write_text, figure_png
 
 __all__ = ["TIMING_PREFIXES", "MetricsLog", "figure_png", "plot_metrics", "read_metrics", "render_metrics_png",
            "summary_table"]
@@ -121,21 +121,6 @@ def render_metrics_png(records: list[dict]) -> bytes:
     bottom.set_title("collapse and diversity diagnostics")
     fig.tight_layout()
     return figure_png(fig)
-
-
-def figure_png(fig, path: str | Path | None = None) -> bytes:
-    """A matplotlib figure as PNG bytes (closed afterwards), also written atomically to `path`."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    data = buffer.getvalue()
-    if path is not None:
-        atomic_write_bytes(Path(path), data)
-    return data
 
 
 def plot_metrics(records: list[dict], path: str | Path) -> Path:

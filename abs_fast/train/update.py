@@ -12,20 +12,23 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from abs_fast.ops.logprobs import token_logprobs
+from abs_fast.game import ROLES
+from abs_fast.model.scoring import micro_batches, packed_logprobs
 from abs_fast.rl import aggregate_token_mean, compute_advantages, kl_k1, kl_loss, ppo_clip_loss
 from abs_fast.train.distributed import SINGLE_PROCESS, Collective
 
-__all__ = ["ROLES", "Sample", "UpdateSettings", "micro_batches", "packed_logprobs", "policy_update"]
+__all__ = ["Sample", "UpdateSettings", "policy_update"]
 
-ROLES = ("attacker", "defender")
+logger = logging.getLogger(__name__)
+
 
 
 @dataclass
@@ -55,53 +58,6 @@ class UpdateSettings:
     temperature: float = 1.0
 
 
-def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Consecutive index groups whose lengths sum to at most token_budget (a longer item alone)."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if current and used + n > token_budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        batches.append(current)
-    return batches
-
-
-def packed_logprobs(policy, items: Sequence[tuple[Sequence[int], Sequence[int], int]], temperature: float = 1.0,
-                    return_entropy: bool = False):
-    """Log-probs of each item's response tokens, all items packed into one row.
-
-    items: (prompt_ids, response_ids, adapter_id); the row holds prompt + response[:-1] of each
-    item with positions restarting at 0 (attention stays within an item). Returns a list of [L_i]
-    tensors (and a list of entropies)."""
-    device = policy.device
-    tokens, positions, ids, gather, targets = [], [], [], [], []
-    offset = 0
-    for prompt, response, adapter_id in items:
-        sequence = list(prompt) + list(response[:-1])
-        n = len(sequence)
-        tokens += sequence
-        positions += range(n)
-        ids += [adapter_id] * n
-        start = offset + len(prompt) - 1
-        gather += range(start, start + len(response))
-        targets += list(response)
-        offset += n
-    as_row = lambda values: torch.tensor(values, device=device)[None]
-    hidden = policy(as_row(tokens), as_row(ids).to(torch.int32), as_row(positions))
-    picked = hidden[0, torch.tensor(gather, device=device)]
-    out = token_logprobs(picked, policy.model.lm_head_weight, torch.tensor(targets, device=device),
-                         temperature=temperature, return_entropy=return_entropy)
-    lengths = [len(response) for _, response, _ in items]
-    if return_entropy:
-        return list(out[0].split(lengths)), list(out[1].split(lengths))
-    return list(out.split(lengths))
-
-
 def _pad(rows: list[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
     out = torch.zeros(len(rows), length, dtype=torch.float32, device=device)
     for i, row in enumerate(rows):
@@ -110,8 +66,7 @@ def _pad(rows: list[torch.Tensor], length: int, device: torch.device) -> torch.T
 
 
 def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sample], settings: UpdateSettings,
-                  generator: torch.Generator, warn: Callable[[str], None] = print,
-                  collective: Collective = SINGLE_PROCESS) -> dict[str, float]:
+                  generator: torch.Generator, collective: Collective = SINGLE_PROCESS) -> dict[str, float]:
     """Train on `samples` (both roles mixed). The optimizer has one param group per trained adapter,
     named after it (`name`); each sample trains the group of its `adapter`. Returns metrics.
 
@@ -231,7 +186,8 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
             losses.append(batch_loss)
         else:
             skipped += 1
-            warn(f"non-finite loss or gradient in train batch {step}: optimizer step skipped (adapters unchanged)")
+            logger.warning("non-finite loss or gradient in train batch %d: optimizer step skipped (adapters unchanged)",
+                           step)
         optimizer.zero_grad(set_to_none=True)
     metrics["seconds/train"] = time.perf_counter() - start
     metrics["tokens_per_second/train"] = token_total / max(metrics["seconds/train"], 1e-9)

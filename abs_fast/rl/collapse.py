@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from abs_fast.model.scoring import micro_batches, packed_logprobs
 from abs_fast.rl.kl import kl_k3
-from abs_fast.train.update import micro_batches, packed_logprobs
 
 __all__ = ["role_kl"]
 
