@@ -12,6 +12,7 @@ from helpers import FP32_REL, assert_close_rel
 
 import abs_fast.ops.lora as ll
 from abs_fast.ops import lora_linear, lora_linear_reference
+from abs_fast.ops.routing import AdapterRouting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -235,7 +236,7 @@ def test_segment_plan_covers_every_token_once(rng_seed):
     n, block_m = 3, 16
     ids = torch.randint(-1, n, (101,), generator=gen)
     ids[ids == 1] = 2  # an empty adapter
-    plan = ll.segment_plan(ids, n, block_m)
+    plan = AdapterRouting.from_ids(ids, n).plan(block_m)
     seen = torch.zeros(101, dtype=torch.long)
     for adapter, start, end in zip(plan.tile_adapter.tolist(), plan.tile_start.tolist(), plan.tile_end.tolist(),
                                    strict=True):
@@ -251,13 +252,26 @@ def test_segment_plan_covers_every_token_once(rng_seed):
     assert plan.sorted_idx.tolist() == sorted(range(101), key=lambda t: (int(ids[t]), t)), "sort is not stable"
 
 
-def test_segment_plan_is_cached_and_invalidated_by_in_place_change():
+def test_routing_checks_once_and_builds_each_plan_once(rng_seed):
+    """One AdapterRouting per batch: the id range is checked when it is built (host ids: on the host),
+    each block size's plan is built once and shared by every layer, and nothing is cached on tensors."""
     ids = torch.tensor([1, 0, -1, 1, 0])
-    plan = ll.segment_plan(ids, 2, 16)
-    assert ll.segment_plan(ids, 2, 16) is plan
-    ids[2] = 1
-    rebuilt = ll.segment_plan(ids, 2, 16)
-    assert rebuilt is not plan and rebuilt.seg_count.tolist() == [2, 3]
+    routing = AdapterRouting.from_ids(ids, 2)
+    plan = routing.plan(16)
+    assert routing.plan(16) is plan and routing.plan(32) is not plan
+    assert plan.seg_count.tolist() == [2, 2]
+    assert not [name for name in vars(ids) if name.startswith("_abs_fast")], "state cached on the tensor"
+    assert AdapterRouting.from_ids([1, 0, -1], 2).ids.dtype == torch.int32
+    for bad in ([0, 2, -1], torch.tensor([0, -2])):
+        with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 1\]"):
+            AdapterRouting.from_ids(bad, 2)
+    gen = torch.Generator().manual_seed(rng_seed)
+    x, w = torch.randn(5, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    a, b = torch.randn(2, 4, 8, generator=gen), torch.randn(2, 6, 4, generator=gen)
+    with pytest.raises(ValueError, match="built for 3 adapters"):
+        lora_linear(x, w, a, b, AdapterRouting.from_ids(ids, 3), [1.0, 1.0])
+    expected = lora_linear(x, w, a, b, ids, [1.0, 2.0], backend="reference")
+    assert torch.equal(lora_linear(x, w, a, b, routing, [1.0, 2.0], backend="reference"), expected)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -18,15 +18,37 @@ def reference_backend(monkeypatch):
     monkeypatch.setenv("ABS_FAST_BACKEND", "reference")
 
 
-@pytest.fixture(scope="module")
-def hf_and_dir(tmp_path_factory):
-    """A tiny Qwen2 whose logits are spread enough that greedy choices are not near-ties, saved."""
-    hf = build_model("tiny", seed=11)
+def _spread_model(tmp_path_factory, name, **overrides):
+    """A tiny Qwen2 (GQA: 4 query heads, 2 KV heads) whose logits are spread enough that greedy
+    choices are not near-ties, saved."""
+    hf = build_model("tiny", seed=11, **overrides)
     with torch.no_grad():
         hf.model.embed_tokens.weight.mul_(8)  # tied head: larger logits
-    path = tmp_path_factory.mktemp("model")
+    path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(str(path))
     return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def hf_and_dir(tmp_path_factory):
+    return _spread_model(tmp_path_factory, "model")
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    """The same shape with its second layer a sliding-window layer (window 4, shorter than the runs)."""
+    hf, path = _spread_model(tmp_path_factory, "windowed", use_sliding_window=True, sliding_window=4,
+                             max_window_layers=1)
+    assert hf.config.layer_types == ["full_attention", "sliding_attention"]
+    return hf, path
+
+
+@pytest.fixture(params=["sdpa", "triton"])
+def decode_attention(request, monkeypatch):
+    """Both decode attention paths: the CPU path (SDPA over the grouped query layout) and the Triton
+    kernel the CUDA path runs (here under the interpreter)."""
+    monkeypatch.setenv("ABS_FAST_DECODE_ATTENTION", request.param)
+    return request.param
 
 
 def _policy(path, quantize=None, seed=0):
@@ -72,13 +94,18 @@ def test_engine_is_a_rollout_engine(hf_and_dir):
     assert isinstance(EmbeddedEngine(_policy(hf_and_dir[1])), RolloutEngine)
 
 
-def test_greedy_mixed_adapter_batch_equals_hf_generate_per_adapter(hf_and_dir, rng_seed):
-    hf, path = hf_and_dir
+@pytest.mark.parametrize("model", ["full", "sliding-window"])
+def test_greedy_mixed_adapter_batch_equals_hf_generate_per_adapter(hf_and_dir, windowed, model, decode_attention,
+                                                                   rng_seed):
+    """GQA (4 query heads on 2 KV heads), a sliding-window layer, both decode attention paths, and
+    polls every 3 steps (rows finish between polls): token for token Hugging Face's generate."""
+    hf, path = hf_and_dir if model == "full" else windowed
     policy = _policy(path, seed=rng_seed)
     prompts = _prompts(rng_seed, [3, 9, 5, 1, 12, 7])
     adapters = ["attacker", "defender", None, "defender", "attacker", None]
     params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
-    engine = EmbeddedEngine(policy, max_batch=8, max_seq_len=64)
+    engine = EmbeddedEngine(policy, max_batch=8, max_seq_len=64, poll_every=3)
+    assert engine.attention == decode_attention
     results = engine.generate([RolloutRequest(p, a, params) for p, a in zip(prompts, adapters, strict=True)])
     merged = {a: _merged(hf, policy, a) for a in set(adapters)}
     outputs = {tuple(r.token_ids) for r in results}
@@ -89,8 +116,8 @@ def test_greedy_mixed_adapter_batch_equals_hf_generate_per_adapter(hf_and_dir, r
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_logprobs_equal_a_teacher_forced_forward(hf_and_dir, rng_seed, quantize):
-    _, path = hf_and_dir
+def test_logprobs_equal_a_teacher_forced_forward(windowed, rng_seed, quantize, decode_attention):
+    _, path = windowed
     policy = _policy(path, quantize, seed=rng_seed)
     prompts = _prompts(rng_seed, [4, 2, 8, 6])
     adapters = ["attacker", "defender", None, "attacker"]
@@ -120,9 +147,12 @@ def test_rows_finishing_at_very_different_lengths_with_refill(hf_and_dir, rng_se
     adapters = ["attacker", "defender", None] * 3
     requests = [RolloutRequest(p, a, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
                 for p, a, n in zip(prompts, adapters, lengths, strict=True)]
-    engine = EmbeddedEngine(policy, max_batch=3, max_seq_len=48)
+    engine = EmbeddedEngine(policy, max_batch=3, max_seq_len=48, poll_every=1)
     together = engine.generate(requests)
-    assert engine.stats.decode_tokens == sum(lengths) - len(lengths)  # no finished row is decoded again
+    assert engine.stats.decode_tokens == sum(lengths) - len(lengths)  # polled every step: nothing decoded twice
+    polled = EmbeddedEngine(policy, max_batch=3, max_seq_len=48, poll_every=4)
+    assert [r.token_ids for r in polled.generate(requests)] == [r.token_ids for r in together]
+    assert polled.stats.polls < engine.stats.polls
     alone_engine = EmbeddedEngine(policy, max_batch=1, max_seq_len=48)
     for req, r in zip(requests, together, strict=True):
         (alone,) = alone_engine.generate([req])
@@ -196,12 +226,13 @@ def test_sampling_filters_and_seeds(hf_and_dir, rng_seed):
 
 
 def test_sampling_frequencies_follow_the_filtered_distribution(rng_seed):
-    from abs_fast.rollout.sampling import sample_next
+    from abs_fast.rollout.sampling import SamplingSettings, sample_next
 
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
     gen = torch.Generator().manual_seed(rng_seed)
     n = logits.shape[0]
-    tokens, logprobs = sample_next(logits, torch.full((n,), 0.8), torch.full((n,), 3), torch.full((n,), 0.9), gen)
+    settings = SamplingSettings.build([0.8] * n, [3] * n, [0.9] * n, "cpu")
+    tokens, logprobs = sample_next(logits, settings, gen)
     probs = torch.softmax(logits[0] / 0.8, -1)
     kept = probs[:3] / probs[:3].sum()  # top-3, then top-p 0.9 keeps them all (mass before the third < 0.9)
     counts = torch.bincount(tokens, minlength=5).double() / n
@@ -241,3 +272,104 @@ def test_nf4_engine_on_the_default_dispatch_matches_the_reference(hf_and_dir, mo
     for a, b in zip(reference, dispatched, strict=True):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-4
+
+
+# --- the decode step at GPU speed: structure, counted on CPU ----------------------------------------
+
+_SYNCING_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__")
+_SYNCING_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique",
+                "aten::_unique2", "aten::bincount", "aten::repeat_interleave")
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op's outputs (shape, dtype), and every op that makes the host wait for the device
+    (a scalar read, or an output whose size depends on the data)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.syncs = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        boolean_index = name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                      for i in (args[1] if len(args) > 1 else ()) if i is not None)
+        if name in _SYNCING_OPS or boolean_index:
+            self.syncs.append(name)
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append((name, tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    """Counts host synchronisations by phase of the engine: calls of the Tensor methods that read
+    device data on the host, and syncing aten ops, separately inside decode steps and inside polls."""
+    counts = {"step": [], "poll": [], "phase": None, "outputs": []}
+    for method in _SYNCING_METHODS:
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            if counts["phase"] is not None:
+                counts[counts["phase"]].append(_method)
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    for phase, attribute in (("step", "_decode_step"), ("poll", "_poll")):
+        original = getattr(EmbeddedEngine, attribute)
+
+        def wrapped(self, *args, _original=original, _phase=phase, **kwargs):
+            counts["phase"] = _phase
+            recorder = _Recorder()
+            try:
+                with recorder:
+                    return _original(self, *args, **kwargs)
+            finally:
+                counts["phase"] = None
+                counts[_phase] += recorder.syncs
+                if _phase == "step":
+                    counts["outputs"] += recorder.outputs
+        monkeypatch.setattr(EmbeddedEngine, attribute, wrapped)
+    return counts
+
+
+@pytest.mark.parametrize("poll_every", [1, 4, 8])
+def test_decode_steps_do_not_synchronise_and_polls_sync_once(hf_and_dir, sync_counter, poll_every, rng_seed):
+    """Inside a decode step: no host synchronisation at all (sampling, stop checks and bookkeeping on
+    the device); a poll reads everything in one transfer. So at most one sync every poll_every steps."""
+    _, path = hf_and_dir
+    policy = _policy(path, seed=rng_seed)
+    requests = [RolloutRequest(p, a, SamplingParams(temperature=t, top_k=k, top_p=tp, max_new_tokens=n,
+                                                    stop_token_ids=(7,)))
+                for p, a, t, k, tp, n in zip(_prompts(rng_seed, [3, 6, 2, 5]), ["attacker", "defender", None, None],
+                                             [0.0, 1.0, 0.7, 1.3], [0, 5, 0, 40], [1.0, 0.9, 0.8, 1.0],
+                                             [17, 9, 24, 12], strict=True)]
+    engine = EmbeddedEngine(policy, max_batch=2, max_seq_len=64, poll_every=poll_every)
+    engine.generate(requests)
+    steps, polls = engine.stats.decode_steps, engine.stats.polls
+    assert steps > 3 * poll_every and sync_counter["step"] == []
+    assert len(sync_counter["poll"]) == polls  # one transfer per poll
+    # polls happen every poll_every steps, or earlier when every live row must have finished
+    assert polls <= steps / poll_every + 2 * len(requests)
+
+
+def test_decode_step_copies_neither_kv_nor_the_head(hf_and_dir, sync_counter, rng_seed):
+    """A bf16 model: no tensor of a decode step holds K or V expanded to every query head, and no fp32
+    copy of the bf16 LM head exists (only the [rows, vocab] logits are fp32)."""
+    _, path = hf_and_dir
+    policy = load_policy(path, quantize=None, device="cpu", dtype=torch.bfloat16)
+    config = policy.config
+    prompts = _prompts(rng_seed, [9, 4, 6])
+    requests = [RolloutRequest(p, a, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+                for p, a in zip(prompts, ["attacker", "defender", None], strict=True)]
+    engine = EmbeddedEngine(policy, max_batch=3, max_seq_len=32, poll_every=4)
+    engine.generate(requests)
+    outputs = sync_counter["outputs"]
+    assert outputs and engine.stats.decode_steps >= 10
+    for name, shape, dtype in outputs:
+        expanded = len(shape) == 4 and shape[1] == config.num_heads and shape[2] > 1 and shape[3] == config.head_dim
+        assert not expanded, f"{name} made {shape}: K/V expanded to every query head"
+        head_copy = dtype == torch.float32 and sorted(shape) == sorted((config.vocab_size, config.hidden_size))
+        assert not head_copy, f"{name} made an fp32 {shape}: a copy of the head"
+    logits = [shape for name, shape, dtype in outputs if dtype == torch.float32 and config.vocab_size in shape]
+    assert logits and all(shape[0] <= 3 for shape in logits)

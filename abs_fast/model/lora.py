@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abs_fast.ops import lora_linear
+from abs_fast.ops.routing import AdapterRouting
 from abs_fast.quant import NF4Weight
 
 __all__ = ["MultiLoRALinear"]
@@ -26,6 +27,10 @@ class MultiLoRALinear(nn.Module):
     Adapter initialisation follows PEFT: A Kaiming-uniform (a = sqrt(5)), B zero, so a new adapter
     starts as the identity on the base; each adapter scales its update by alpha / r. Adapter ids
     index `adapter_names` in the order the adapters were added.
+
+    The adapters' parameters live inside one stacked pair of tensors per layer ([n, r_max, in] and
+    [n, out, r_max], each parameter a view of its slice), so a forward reads all adapters without
+    stacking them again, while each adapter stays its own parameter (its own optimizer group).
 
     `quantize_base_()` replaces the dense weight by NF4 (buffers `nf4_packed`, `nf4_absmax`, ...);
     `base_weight` is then an NF4Weight view of those buffers and `weight` is None.
@@ -52,6 +57,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.ranks: dict[str, int] = {}
         self.alphas: dict[str, float] = {}
+        self._stacks: tuple[torch.Tensor, torch.Tensor] | None = None  # the storage of every lora_A / lora_B
         self.register_buffer("scaling", torch.empty(0, dtype=torch.float32, device=device), persistent=False)
         self._nf4_format: tuple[torch.Size, torch.dtype, int] | None = None  # (shape, dtype, blocksize)
 
@@ -104,9 +110,12 @@ class MultiLoRALinear(nn.Module):
         self._nf4_format = (nf4.shape, nf4.dtype, nf4.blocksize)
 
     def _apply(self, fn, recurse=True):
-        """.to()/.cuda() move the NF4 buffers but never cast them: their dtypes are the format."""
+        """.to()/.cuda() move the NF4 buffers but never cast them (their dtypes are the format), and
+        rebuild the adapters' stacked storage on the new device."""
         if not self.is_quantized:
-            return super()._apply(fn, recurse)
+            super()._apply(fn, recurse)
+            self._restack()
+            return self
         names = [f"nf4_{field}" for field in _NF4_FIELDS]
         saved = {name: self._buffers.pop(name) for name in names}
         try:
@@ -115,6 +124,7 @@ class MultiLoRALinear(nn.Module):
             device = fn(torch.empty(0, device=saved["nf4_packed"].device)).device
             for name in names:
                 self._buffers[name] = None if saved[name] is None else saved[name].to(device)
+        self._restack()
         return self
 
     @property
@@ -144,6 +154,7 @@ class MultiLoRALinear(nn.Module):
         self.ranks[name] = rank
         self.alphas[name] = float(alpha)
         self._refresh_scaling()
+        self._restack()
 
     def set_adapter_weights(self, name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float) -> None:
         """Give adapter `name` (existing or new) these weights, copying in place when the rank is
@@ -165,6 +176,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_A[name] = nn.Parameter(lora_a.to(self.device, dtype).clone())
             self.lora_B[name] = nn.Parameter(lora_b.to(self.device, dtype).clone())
             self.ranks[name] = rank
+            self._restack()
         self.alphas[name] = float(alpha)
         self._refresh_scaling()
 
@@ -172,35 +184,68 @@ class MultiLoRALinear(nn.Module):
         self.adapter_id(name)  # raises a clear KeyError for an unknown name
         del self.lora_A[name], self.lora_B[name], self.ranks[name], self.alphas[name]
         self._refresh_scaling()
+        self._restack()
 
     def _refresh_scaling(self) -> None:
         values = [self.alphas[n] / self.ranks[n] for n in self.adapter_names]
         self.scaling = torch.tensor(values, dtype=torch.float32, device=self.device)
 
-    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """lora_a [n, r_max, in] and lora_b [n, out, r_max]; smaller ranks are zero-padded (the
-        padding contributes nothing and its gradient is dropped by autograd)."""
+    def _restack(self) -> None:
+        """Move every adapter's parameters into one fresh stacked pair (zero-padded to the largest
+        rank) and make each parameter a view of its slice. Parameter objects, and so optimizer state,
+        survive; called after any change of the adapters' set, ranks, device or dtype."""
         names = self.adapter_names
+        if not names or self.lora_A[names[0]].device.type == "meta":
+            self._stacks = None
+            return
+        first = self.lora_A[names[0]]
         r_max = max(self.ranks.values())
-        if all(self.ranks[n] == r_max for n in names):  # the usual case: no padding copies
-            return torch.stack([self.lora_A[n] for n in names]), torch.stack([self.lora_B[n] for n in names])
-        a = [F.pad(self.lora_A[n], (0, 0, 0, r_max - self.ranks[n])) for n in names]
-        b = [F.pad(self.lora_B[n], (0, r_max - self.ranks[n])) for n in names]
-        return torch.stack(a), torch.stack(b)
+        stack_a = torch.zeros(len(names), r_max, self.in_features, device=first.device, dtype=first.dtype)
+        stack_b = torch.zeros(len(names), self.out_features, r_max, device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            for i, name in enumerate(names):
+                rank = self.ranks[name]
+                stack_a[i, :rank].copy_(self.lora_A[name])
+                stack_b[i, :, :rank].copy_(self.lora_B[name])
+                self.lora_A[name].data = stack_a[i, :rank]
+                self.lora_B[name].data = stack_b[i, :, :rank]
+        self._stacks = (stack_a, stack_b)
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., in]; adapter_ids [...] (one per token) or [T]: indices into adapter_names, -1 = base.
-        Without adapter_ids every token takes the base alone."""
+    def _stacked_in_place(self) -> bool:
+        if self._stacks is None:
+            return False
+        stack_a, stack_b = self._stacks
+        return all(self.lora_A[n].data_ptr() == stack_a[i].data_ptr() and
+                   self.lora_B[n].data_ptr() == stack_b[i].data_ptr() for i, n in enumerate(self.adapter_names))
+
+    def stacked_adapters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """lora_a [n, r_max, in] and lora_b [n, out, r_max] (smaller ranks zero-padded), read from
+        the storage the parameters live in (no copy); with gradients enabled, the backward hands
+        each adapter's parameters their slices of the gradient."""
+        if not self._stacked_in_place():
+            self._restack()  # a parameter was replaced from outside (e.g. assigned a new tensor)
+        stack_a, stack_b = self._stacks
+        if not torch.is_grad_enabled():
+            return stack_a, stack_b
+        names = self.adapter_names
+        params = [self.lora_A[n] for n in names] + [self.lora_B[n] for n in names]
+        return _StackedAdapters.apply((stack_a, stack_b), tuple(self.ranks[n] for n in names), *params)
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | AdapterRouting | None = None) -> torch.Tensor:
+        """x [..., in]; adapter_ids: an AdapterRouting for the batch (what a model passes to every
+        layer), or per-token ids [...] / [T] (indices into adapter_names, -1 = base), or None: every
+        token takes the base alone."""
         base = self.base_weight
         if adapter_ids is None or not self.lora_A:
-            if adapter_ids is not None and adapter_ids.numel() and int(adapter_ids.max()) >= 0:
+            if isinstance(adapter_ids, torch.Tensor) and adapter_ids.numel() and int(adapter_ids.max()) >= 0:
                 raise ValueError("adapter_ids select an adapter but this layer has none")
             if isinstance(base, torch.Tensor):
                 return F.linear(x, base, self.bias)
-            ids = torch.full(x.shape[:-1], -1, dtype=torch.int32, device=x.device)
+            tokens = x.numel() // self.in_features if self.in_features else 0
+            routing = AdapterRouting(torch.full((tokens,), -1, dtype=torch.int32, device=x.device), 0)
             no_a = x.new_empty(0, 1, self.in_features, dtype=torch.float32)
             no_b = x.new_empty(0, self.out_features, 1, dtype=torch.float32)
-            return lora_linear(x, base, no_a, no_b, ids, self.scaling[:0], self.bias)
+            return lora_linear(x, base, no_a, no_b, routing, self.scaling[:0], self.bias)
         lora_a, lora_b = self.stacked_adapters()
         return lora_linear(x, base, lora_a, lora_b, adapter_ids, self.scaling, self.bias)
 
@@ -209,3 +254,19 @@ class MultiLoRALinear(nn.Module):
         base = f", base=nf4(blocksize={self._nf4_format[2]})" if self.is_quantized else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}{base}, adapters=[{adapters}]")
+
+
+class _StackedAdapters(torch.autograd.Function):
+    """The stacked adapters as the op's inputs without a copy: the parameters are views into the
+    stacks, so forward returns aliases of the stacks and backward slices the gradient per parameter."""
+
+    @staticmethod
+    def forward(ctx, stacks, ranks, *params):
+        ctx.ranks = ranks
+        return stacks[0].detach(), stacks[1].detach()
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_b):
+        grads_a = [None if grad_a is None else grad_a[i, :r] for i, r in enumerate(ctx.ranks)]
+        grads_b = [None if grad_b is None else grad_b[i, :, :r] for i, r in enumerate(ctx.ranks)]
+        return None, None, *grads_a, *grads_b

@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from abs_fast.model.adapters import CONFIG_NAME, load_peft_adapter, save_peft_adapter
+from abs_fast.model.attention import Documents, PackedBatch
 from abs_fast.model.lora import MultiLoRALinear
 from abs_fast.model.tiny import PRESETS, qwen2_config
 from abs_fast.model.transformer import TARGET_MODULES, ArchConfig, Transformer
+from abs_fast.ops.routing import AdapterRouting
 from abs_fast.quant.nf4 import NESTED_BLOCKSIZE, NF4_CODE, NF4Weight
 
 __all__ = ["Policy", "load_policy", "resolve_target_modules"]
@@ -329,26 +332,31 @@ class Policy(nn.Module):
         """Recompute each decoder layer in backward instead of keeping its activations."""
         self.model.gradient_checkpointing = enabled
 
-    def adapter_id_tensor(self, adapter_ids, shape: torch.Size) -> torch.Tensor | None:
-        """Normalise per-sequence ([B], names or ints) or per-token ([B, S]) ids to [B, S] int32."""
+    def routing(self, adapter_ids, shape: torch.Size) -> AdapterRouting | None:
+        """The batch's AdapterRouting from per-sequence ([B], names or ints) or per-token ([B, S]) ids,
+        range-checked once (None: the base for every token)."""
         if adapter_ids is None:
             return None
         B, S = shape
+        n = len(self.adapter_names)
         if isinstance(adapter_ids, str | int):
             adapter_ids = [adapter_ids] * B
         if isinstance(adapter_ids, list | tuple):
-            adapter_ids = torch.tensor([self.adapter_id(a) if not isinstance(a, int) else a for a in adapter_ids])
-        ids = adapter_ids.to(device=self.device, dtype=torch.int32)
+            per_row = [self.adapter_id(a) if not isinstance(a, int) else a for a in adapter_ids]
+            if len(per_row) != B:
+                raise ValueError(f"adapter_ids has {len(per_row)} entries for a batch of {B} rows")
+            return AdapterRouting.from_ids([a for a in per_row for _ in range(S)], n, device=self.device)
+        ids = adapter_ids.to(device=self.device)
         if ids.dim() == 1:
             if ids.shape[0] != B:
                 raise ValueError(f"adapter_ids has {ids.shape[0]} entries for a batch of {B} rows")
             ids = ids[:, None].expand(B, S)
         elif ids.shape != (B, S):
             raise ValueError(f"adapter_ids must be [B]={B} or [B, S]={B, S}, got {tuple(ids.shape)}")
-        n = len(self.adapter_names)
-        if ids.numel() and (int(ids.min()) < -1 or int(ids.max()) >= n):
-            raise ValueError(f"adapter_ids must lie in [-1, {n - 1}] ({n} adapters: {self.adapter_names})")
-        return ids
+        try:
+            return AdapterRouting.from_ids(ids, n)
+        except ValueError:
+            raise ValueError(f"adapter_ids must lie in [-1, {n - 1}] ({n} adapters: {self.adapter_names})") from None
 
     def forward(self, input_ids: torch.Tensor, adapter_ids=None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -356,7 +364,9 @@ class Policy(nn.Module):
 
         input_ids [B, S]. adapter_ids: None (base everywhere), one per row ([B] ints or names) or
         one per token ([B, S]); -1 = base. Packed rows: position_ids restart at 0 where each sequence
-        starts, and attention never crosses a restart. Padded rows: attention_mask (1 = token)."""
+        starts, and attention never crosses a restart. Padded rows: attention_mask (1 = token; the
+        padding at the start or the end of each row). The documents and the adapter routing are
+        read here once for the whole forward."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
         input_ids = input_ids.to(self.device)
@@ -369,13 +379,16 @@ class Policy(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         elif position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids {tuple(input_ids.shape)}")
-        ids = self.adapter_id_tensor(adapter_ids, input_ids.shape)
-        return self.model(input_ids, ids, position_ids.to(self.device), attention_mask)
+        routing = self.routing(adapter_ids, input_ids.shape)
+        batch = PackedBatch(Documents.from_positions(position_ids, attention_mask))
+        hidden = self.model(input_ids.reshape(-1), routing, position_ids.reshape(-1).to(self.device), batch)
+        return hidden.view(*input_ids.shape, -1)
 
     def logits(self, input_ids: torch.Tensor, adapter_ids=None, position_ids=None, attention_mask=None):
-        """Full fp32 logits [B, S, vocab]: for tests and small batches (training uses token_logprobs)."""
+        """Logits [B, S, vocab] as fp32, from the head in the model's dtype: for tests and small
+        batches (training uses token_logprobs)."""
         hidden = self(input_ids, adapter_ids, position_ids, attention_mask)
-        return hidden.float() @ self.model.lm_head_weight.float().T
+        return F.linear(hidden, self.model.lm_head_weight).float()
 
 
 def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
@@ -440,6 +453,7 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     for layer in model.target_layers().values():  # scaling buffers were made on the meta device
         layer.scaling = torch.empty(0, dtype=torch.float32, device=device)
 
+    model.select_kernels()
     policy = Policy(model, hf_config, source_name, targets, quantize).eval()
     for i, name in enumerate(adapters):
         policy.add_adapter(name, rank, alpha, seed=seed + i)

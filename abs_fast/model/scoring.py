@@ -9,7 +9,9 @@ from collections.abc import Sequence
 
 import torch
 
+from abs_fast.model.attention import Documents, PackedBatch
 from abs_fast.ops.logprobs import token_logprobs
+from abs_fast.ops.routing import AdapterRouting
 
 __all__ = ["micro_batches", "packed_logprobs"]
 
@@ -32,13 +34,12 @@ def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
 
 def packed_logprobs(policy, items: Sequence[tuple[Sequence[int], Sequence[int], int]], temperature: float = 1.0,
                     return_entropy: bool = False):
-    """Log-probs of each item's response tokens, all items packed into one row.
+    """Log-probs of each item's response tokens, all items packed into one forward.
 
-    items: (prompt_ids, response_ids, adapter_id); the row holds prompt + response[:-1] of each
-    item with positions restarting at 0 (attention stays within an item). Returns a list of [L_i]
-    tensors (and a list of entropies)."""
+    items: (prompt_ids, response_ids, adapter_id); the batch holds prompt + response[:-1] of each
+    item as its own causal document. Returns a list of [L_i] tensors (and a list of entropies)."""
     device = policy.device
-    tokens, positions, ids, gather, targets = [], [], [], [], []
+    tokens, positions, ids, gather, targets, lengths = [], [], [], [], [], []
     offset = 0
     for prompt, response, adapter_id in items:
         sequence = list(prompt) + list(response[:-1])
@@ -46,16 +47,18 @@ def packed_logprobs(policy, items: Sequence[tuple[Sequence[int], Sequence[int], 
         tokens += sequence
         positions += range(n)
         ids += [adapter_id] * n
+        lengths.append(n)
         start = offset + len(prompt) - 1
         gather += range(start, start + len(response))
         targets += list(response)
         offset += n
-    as_row = lambda values: torch.tensor(values, device=device)[None]
-    hidden = policy(as_row(tokens), as_row(ids).to(torch.int32), as_row(positions))
-    picked = hidden[0, torch.tensor(gather, device=device)]
-    out = token_logprobs(picked, policy.model.lm_head_weight, torch.tensor(targets, device=device),
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)
+    routing = AdapterRouting.from_ids(ids, len(policy.adapter_names), device=device)
+    batch = PackedBatch(Documents.from_lengths(lengths, device))
+    hidden = policy.model(as_tensor(tokens), routing, as_tensor(positions), batch)
+    out = token_logprobs(hidden[as_tensor(gather)], policy.model.lm_head_weight, as_tensor(targets),
                          temperature=temperature, return_entropy=return_entropy)
-    lengths = [len(response) for _, response, _ in items]
+    sizes = [len(response) for _, response, _ in items]
     if return_entropy:
-        return list(out[0].split(lengths)), list(out[1].split(lengths))
-    return list(out.split(lengths))
+        return list(out[0].split(sizes)), list(out[1].split(sizes))
+    return list(out.split(sizes))

@@ -2,13 +2,14 @@
 
 Module and parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`), so
 checkpoints load by name and PEFT adapter keys line up. Every projection is a MultiLoRALinear:
-each token picks its adapter (-1 = base), so attacker, defender and reference rows share a pass.
+each token picks its adapter (-1 = base) through one AdapterRouting per batch, so attacker,
+defender and reference rows share a pass.
 
-One forward serves three callers:
-- training / scoring: padded batches or packed rows (several sequences per row, positions
-  restarting at 0), a document-causal mask built from `position_ids`;
-- rollout prefill: the same, writing keys and values into a KVCache;
-- rollout decode: one new token per row, attending to its row of the KVCache.
+The forward works on flat tokens [T, hidden] and serves two kinds of batch (model/attention.py):
+- PackedBatch: causal documents packed end to end (training, scoring, rollout prefill; the
+  prefill writes each token's keys and values into a KVCache);
+- DecodeBatch: one new token per row, attending to its row of the KVCache.
+Both kinds are described once, where the batch is assembled, and passed down as they are.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from abs_fast.model.attention import (
+    DecodeBatch,
+    KVCache,
+    PackedBatch,
+    decode_attention,
+    packed_attention,
+    packed_backend,
+)
 from abs_fast.model.lora import MultiLoRALinear
+from abs_fast.ops.layers import layer_kernels, rms_norm, rotary, swiglu
+from abs_fast.ops.routing import AdapterRouting
 
-__all__ = ["TARGET_MODULES", "ArchConfig", "KVCache", "Transformer", "document_ids"]
+__all__ = ["TARGET_MODULES", "ArchConfig", "Transformer"]
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral")
@@ -82,6 +92,9 @@ class ArchConfig:
                    kv_heads, head_dim, config.rms_norm_eps, qkv_bias, o_bias, mlp_bias,
                    bool(getattr(config, "tie_word_embeddings", False)), windows, eos_ids)
 
+    def kv_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache(self.num_layers, rows, self.num_kv_heads, max_len, self.head_dim, device, dtype)
+
 
 def rotary_embedding(hf_config) -> nn.Module:
     """The family's own Hugging Face rotary module: every RoPE variant (default, llama3, yarn, ...)
@@ -99,60 +112,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype), requires_grad=False)
+        self.kernels = "torch"  # set by Transformer.select_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps, self.kernels)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, S, D]; cos/sin [B, S, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """[B, S] -> [B, S]: a new document starts wherever a position restarts at 0 (packed rows)."""
-    return torch.cumsum((position_ids == 0).to(torch.int32), dim=-1)
-
-
-class KVCache:
-    """Preallocated keys and values: [layers, rows, kv_heads, max_len, head_dim] each.
-
-    Row r of the cache belongs to one sequence at a time; its first `length` positions are valid.
-    The engine keeps live rows in slots 0..n-1 (see `move_row`), so decode reads a slice, not a gather.
-    """
-
-    def __init__(self, config: ArchConfig, rows: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (config.num_layers, rows, config.num_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.rows, self.max_len = rows, max_len
-
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
-@dataclass
-class CacheWrite:
-    """Where a forward writes its keys/values: rows `slots` [B] of `cache`, at `position_ids`.
-    `decode`: each row attends to its cache row up to and including its new position."""
-
-    cache: KVCache
-    slots: torch.Tensor
-    decode: bool
-    leading_slots: bool = False  # slots are 0..B-1: decode reads a slice of the cache, not a gather
+def _project(layer: MultiLoRALinear, x: torch.Tensor, routing: AdapterRouting | None) -> torch.Tensor:
+    """A layer outside target_modules holds no adapters: every token takes its base (as in PEFT)."""
+    return layer(x, routing if layer.lora_A else None)
 
 
 class Attention(nn.Module):
@@ -166,36 +134,29 @@ class Attention(nn.Module):
         self.k_proj = MultiLoRALinear(h, config.num_kv_heads * d, config.qkv_bias, device, dtype)
         self.v_proj = MultiLoRALinear(h, config.num_kv_heads * d, config.qkv_bias, device, dtype)
         self.o_proj = MultiLoRALinear(config.num_heads * d, h, config.o_bias, device, dtype)
+        self.kernels, self.attention = "torch", "sdpa"  # set by Transformer.select_kernels
 
-    def forward(self, x, ids, cos, sin, position_ids, mask, cache: CacheWrite | None):
-        B, S, _ = x.shape
-        q = _project(self.q_proj, x, ids).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k = _project(self.k_proj, x, ids).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = _project(self.v_proj, x, ids).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            ck, cv = cache.cache.k[self.layer], cache.cache.v[self.layer]
-            rows = cache.slots[:, None]
-            ck[rows, :, position_ids] = k.transpose(1, 2).to(ck.dtype)  # [B, S, kv_heads, D]
-            cv[rows, :, position_ids] = v.transpose(1, 2).to(cv.dtype)
-            if cache.decode:  # attend to the row's cache prefix (the mask bounds it)
-                span = mask.shape[-1]
-                if cache.leading_slots:
-                    k, v = ck[: len(cache.slots), :, :span], cv[: len(cache.slots), :, :span]
-                else:
-                    k, v = ck[cache.slots, :, :span], cv[cache.slots, :, :span]
-                k, v = k.to(q.dtype), v.to(q.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return _project(self.o_proj, out.transpose(1, 2).reshape(B, S, -1), ids)
-
-
-def _project(layer: MultiLoRALinear, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-    """A layer outside target_modules holds no adapters: every token takes its base (as in PEFT)."""
-    return layer(x, ids if layer.lora_A else None)
+    def forward(self, x, routing, cos, sin, batch: PackedBatch | DecodeBatch):
+        T = x.shape[0]
+        q = _project(self.q_proj, x, routing).view(T, self.num_heads, self.head_dim)
+        k = _project(self.k_proj, x, routing).view(T, self.num_kv_heads, self.head_dim)
+        v = _project(self.v_proj, x, routing).view(T, self.num_kv_heads, self.head_dim)
+        q, k = rotary(q, k, cos, sin, self.kernels)
+        if isinstance(batch, DecodeBatch):
+            ck, cv = batch.cache.k[self.layer], batch.cache.v[self.layer]
+            rows = torch.arange(T, device=x.device)
+            position = (batch.seq_lens - 1).to(torch.int64)
+            ck[rows, :, position] = k.to(ck.dtype)
+            cv[rows, :, position] = v.to(cv.dtype)
+            out = decode_attention(q, ck, cv, batch, self.window)
+        else:
+            write = batch.cache_write
+            if write is not None:
+                ck, cv = write.cache.k[self.layer], write.cache.v[self.layer]
+                ck[write.slots, :, write.positions] = k.to(ck.dtype)
+                cv[write.slots, :, write.positions] = v.to(cv.dtype)
+            out = packed_attention(q, k, v, batch.documents, self.window, self.attention)
+        return _project(self.o_proj, out.reshape(T, -1), routing)
 
 
 class MLP(nn.Module):
@@ -205,10 +166,11 @@ class MLP(nn.Module):
         self.gate_proj = MultiLoRALinear(h, inter, bias, device, dtype)
         self.up_proj = MultiLoRALinear(h, inter, bias, device, dtype)
         self.down_proj = MultiLoRALinear(inter, h, bias, device, dtype)
+        self.kernels = "torch"  # set by Transformer.select_kernels
 
-    def forward(self, x, ids):
-        hidden = F.silu(_project(self.gate_proj, x, ids)) * _project(self.up_proj, x, ids)
-        return _project(self.down_proj, hidden, ids)
+    def forward(self, x, routing):
+        hidden = swiglu(_project(self.gate_proj, x, routing), _project(self.up_proj, x, routing), self.kernels)
+        return _project(self.down_proj, hidden, routing)
 
 
 class DecoderLayer(nn.Module):
@@ -219,10 +181,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
 
-    def forward(self, x, ids, cos, sin, position_ids, masks, cache):
-        mask = masks[self.self_attn.window]
-        x = x + self.self_attn(self.input_layernorm(x), ids, cos, sin, position_ids, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x), ids)
+    def forward(self, x, routing, cos, sin, batch):
+        x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, batch)
+        return x + self.mlp(self.post_attention_layernorm(x), routing)
 
 
 class DecoderModel(nn.Module):
@@ -237,7 +198,7 @@ class DecoderModel(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The whole causal LM. `forward` returns the final normed hidden states [B, S, hidden];
+    """The whole causal LM. `forward` returns the final normed hidden states [T, hidden];
     `lm_head_weight` turns them into logits (or token log-probs through abs_fast.ops.token_logprobs)."""
 
     def __init__(self, config: ArchConfig, hf_config, device=None, dtype=None):
@@ -251,6 +212,7 @@ class Transformer(nn.Module):
             self.lm_head.weight.requires_grad_(False)
         self.rotary = rotary_embedding(hf_config)
         self.gradient_checkpointing = False
+        self.kernels = {"layers": "torch", "attention": "sdpa"}
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -259,47 +221,29 @@ class Transformer(nn.Module):
     def target_layers(self) -> dict[str, MultiLoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MultiLoRALinear)}
 
-    def forward(self, input_ids: torch.Tensor, adapter_ids: torch.Tensor | None, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None, cache: CacheWrite | None = None,
-                key_length: int | None = None) -> torch.Tensor:
-        """input_ids, position_ids [B, S]; adapter_ids [B, S] (-1 = base) or None (base for all);
-        attention_mask [B, S] (1 = real token) or None. With a decode cache, `key_length` is how many
-        cache positions to attend over (max position + 1)."""
+    def select_kernels(self) -> dict[str, str]:
+        """Decide once (after the weights are on their device) which RMSNorm/SwiGLU/RoPE and which
+        packed attention run; returns the choice (shown by `abs-fast info` and the engine)."""
+        weight = self.model.embed_tokens.weight
+        self.kernels = {"layers": layer_kernels(weight.device),
+                        "attention": packed_backend(weight.device, weight.dtype)}
+        for module in self.modules():
+            if isinstance(module, RMSNorm | MLP):
+                module.kernels = self.kernels["layers"]
+            elif isinstance(module, Attention):
+                module.kernels, module.attention = self.kernels["layers"], self.kernels["attention"]
+        return self.kernels
+
+    def forward(self, input_ids: torch.Tensor, routing: AdapterRouting | None, position_ids: torch.Tensor,
+                batch: PackedBatch | DecodeBatch) -> torch.Tensor:
+        """input_ids, position_ids [T]; routing: the batch's adapter ids (None = base for all);
+        batch: how the tokens attend (documents, or one new token per cache row)."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(x, position_ids)
-        ids = None if adapter_ids is None else adapter_ids.reshape(-1)
-        masks = self._masks(position_ids, attention_mask, cache, key_length)
+        cos, sin = self.rotary(x[None], position_ids[None])
+        cos, sin = cos[0], sin[0]
         for layer in self.model.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, ids, cos, sin, position_ids, masks, cache, use_reentrant=False)
+                x = checkpoint(layer, x, routing, cos, sin, batch, use_reentrant=False)
             else:
-                x = layer(x, ids, cos, sin, position_ids, masks, cache)
+                x = layer(x, routing, cos, sin, batch)
         return self.model.norm(x)
-
-    def _masks(self, position_ids, attention_mask, cache, key_length) -> dict[int | None, torch.Tensor]:
-        """One boolean mask [B, 1, S, keys] per distinct sliding window (True = may attend)."""
-        S = position_ids.shape[1]
-        if cache is not None and cache.decode:
-            keys = torch.arange(key_length, device=position_ids.device)
-            query = position_ids[:, :, None]
-            allowed = keys[None, None, :] <= query
-            out = {}
-            for window in set(self.config.sliding_window):
-                m = allowed if window is None else allowed & (query - keys[None, None, :] < window)
-                out[window] = m[:, None]
-            return out
-        doc = document_ids(position_ids)
-        same_doc = doc[:, :, None] == doc[:, None, :]
-        idx = torch.arange(S, device=position_ids.device)
-        allowed = same_doc & (idx[None, :, None] >= idx[None, None, :])
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, :]
-        allowed = allowed | torch.eye(S, dtype=torch.bool, device=allowed.device)  # padding rows see themselves
-        out = {}
-        for window in set(self.config.sliding_window):
-            m = allowed
-            if window is not None:
-                distance = position_ids[:, :, None] - position_ids[:, None, :]
-                m = m & (distance < window)
-            out[window] = m[:, None]
-        return out

@@ -24,9 +24,10 @@ from abs_fast.ops.nf4 import (
     nf4_lora_native,
     nf4_path,
 )
+from abs_fast.ops.routing import AdapterRouting, SegmentPlan
 from abs_fast.quant.nf4 import NF4Weight
 
-__all__ = ["KernelConfig", "SegmentPlan", "lora_linear", "lora_linear_reference", "segment_plan"]
+__all__ = ["KernelConfig", "lora_linear", "lora_linear_reference"]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -50,7 +51,7 @@ def _as_scaling(scaling: torch.Tensor | Sequence[float], n_adapters: int, device
     return scaling.detach().to(device=device, dtype=torch.float32)
 
 
-def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
+def _check_inputs(x, weight, lora_a, lora_b, routing: AdapterRouting, bias):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension [..., K]")
     K = x.shape[-1]
@@ -66,11 +67,10 @@ def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
     if tuple(lora_b.shape) != (n, N, r):
         raise ValueError(f"lora_b must be [n_adapters, N, r] = [{n}, {N}, {r}], got {tuple(lora_b.shape)}")
     T = x.numel() // K if K else 0
-    if adapter_ids.numel() != T:
-        raise ValueError(f"adapter_ids must hold one id per token ({T} tokens), got shape "
-                         f"{tuple(adapter_ids.shape)}")
-    if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool:
-        raise TypeError(f"adapter_ids must be an integer tensor, got {adapter_ids.dtype}")
+    if routing.num_tokens != T:
+        raise ValueError(f"adapter_ids must hold one id per token ({T} tokens), got {routing.num_tokens}")
+    if routing.n_adapters != n:
+        raise ValueError(f"the adapter routing was built for {routing.n_adapters} adapters, lora_a holds {n}")
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"bias must be [N]=[{N}], got {tuple(bias.shape)}")
     if nf4:  # dequantised to x's dtype
@@ -78,26 +78,13 @@ def _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias):
             raise TypeError(f"an NF4 weight multiplies fp32/bf16/fp16/fp64 inputs, got x dtype {x.dtype}")
     elif weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
-    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("adapter_ids", adapter_ids)):
+    for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("adapter_ids", routing.ids)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if torch.is_grad_enabled() and ((not nf4 and weight.requires_grad) or (bias is not None and bias.requires_grad)):
         raise ValueError("lora_linear keeps the base frozen: weight and bias get no gradient; "
                          "call requires_grad_(False) on them")
     return T, N, K, n, r
-
-
-def _check_id_range(adapter_ids: torch.Tensor, n_adapters: int) -> None:
-    """Raise unless every id lies in [-1, n_adapters). The check syncs with the device, so its
-    success is remembered on the tensor (every layer of a forward pass sees the same ids)."""
-    key = (n_adapters, adapter_ids._version)
-    if getattr(adapter_ids, "_abs_fast_ids_checked", None) == key or adapter_ids.numel() == 0:
-        return
-    lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-    if lo < -1 or hi >= n_adapters:
-        raise ValueError(f"adapter_ids must lie in [-1, {n_adapters - 1}] (-1 = base only), "
-                         f"found values in [{lo}, {hi}]")
-    adapter_ids._abs_fast_ids_checked = key
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,94 +101,18 @@ def lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias=
     is two small GEMMs however many adapters there are. The LoRA branch runs in the adapters' dtype
     (x is cast to it, as PEFT does) and is added to the base output in x's dtype.
     """
-    T, N, K, n, r = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
-    _check_id_range(adapter_ids, n)
+    routing = _routing(adapter_ids, lora_a.shape[0], x.device)
+    T, N, K, n, r = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
     scaling = _as_scaling(scaling, n, x.device)
     x2d = x.reshape(T, K)
     y = nf4_linear_reference(x2d, weight, bias) if isinstance(weight, NF4Weight) else F.linear(x2d, weight, bias)
     if n > 0 and r > 0:
-        ids = adapter_ids.reshape(T).to(torch.long)
-        token_scale = (ids[:, None] == torch.arange(n, device=x.device)[None, :]).to(lora_a.dtype)
-        token_scale = token_scale * scaling.to(lora_a.dtype)[None, :]  # [T, n]
+        token_scale = routing.one_hot(lora_a.dtype) * scaling.to(lora_a.dtype)[None, :]  # [T, n]
         shrunk = F.linear(x2d.to(lora_a.dtype), lora_a.reshape(n * r, K)).view(T, n, r)
         shrunk = (shrunk * token_scale[:, :, None]).reshape(T, n * r)
         expand_weight = lora_b.permute(1, 0, 2).reshape(N, n * r)  # [N, n*r], adapter-major columns
         y = y + F.linear(shrunk, expand_weight.to(shrunk.dtype)).to(y.dtype)
     return y.reshape(*x.shape[:-1], N)
-
-
-# ---------------------------------------------------------------------------------------------
-# Token grouping: a stable sort by adapter id and a table of single-adapter M tiles
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SegmentPlan:
-    """Tokens grouped by adapter without moving them: read rows through `sorted_idx`.
-
-    Tile i covers sorted positions [tile_start[i], tile_end[i]) of adapter tile_adapter[i]
-    (-1 = base only, -2 = unused padding tile). The table has a fixed upper-bound length
-    (ceil(T / block_m) + n_adapters + 1), so building it needs no device-to-host sync.
-    """
-
-    block_m: int
-    n_adapters: int
-    sorted_idx: torch.Tensor  # [T] int32, token indices in adapter order (stable)
-    tile_adapter: torch.Tensor  # [num_tiles] int32
-    tile_start: torch.Tensor  # [num_tiles] int32
-    tile_end: torch.Tensor  # [num_tiles] int32
-    seg_start: torch.Tensor  # [n_adapters] int32, start of each adapter's run in sorted order
-    seg_count: torch.Tensor  # [n_adapters] int32, tokens of each adapter
-
-    @property
-    def num_tiles(self) -> int:
-        return self.tile_adapter.numel()
-
-
-def segment_plan(adapter_ids: torch.Tensor, n_adapters: int, block_m: int) -> SegmentPlan:
-    """Build (or fetch from the ids tensor's cache) the grouping of tokens by adapter.
-
-    Every linear layer of a forward pass sees the same adapter_ids tensor, so the plan is cached on
-    that tensor object and rebuilt only if it is modified in place.
-    """
-    key = (n_adapters, block_m, adapter_ids._version)
-    cache = getattr(adapter_ids, "_abs_fast_plans", None)
-    if cache is not None and key in cache:
-        return cache[key]
-    _check_id_range(adapter_ids, n_adapters)
-    device = adapter_ids.device
-    groups = adapter_ids.reshape(-1).to(torch.int64) + 1  # 0 = base only, 1..n = adapters
-    T = groups.numel()
-    sorted_idx = torch.sort(groups, stable=True).indices
-    counts = torch.bincount(groups, minlength=n_adapters + 1)
-    starts = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block_m - 1) // block_m
-    tile_end_cum = torch.cumsum(tiles, 0)
-    tile_begin_cum = tile_end_cum - tiles
-    num_tiles = _cdiv(T, block_m) + n_adapters + 1
-    t = torch.arange(num_tiles, device=device)
-    group = torch.searchsorted(tile_end_cum, t, right=True)
-    valid = group <= n_adapters
-    g = group.clamp(max=n_adapters)
-    row_start = starts[g] + (t - tile_begin_cum[g]) * block_m
-    row_end = torch.minimum(row_start + block_m, starts[g] + counts[g])
-    i32 = torch.int32
-    plan = SegmentPlan(
-        block_m=block_m,
-        n_adapters=n_adapters,
-        sorted_idx=sorted_idx.to(i32),
-        tile_adapter=torch.where(valid, g - 1, torch.full_like(g, -2)).to(i32),
-        tile_start=torch.where(valid, row_start, torch.zeros_like(row_start)).to(i32),
-        tile_end=torch.where(valid, row_end, torch.zeros_like(row_end)).to(i32),
-        seg_start=starts[1:].to(i32).contiguous(),
-        seg_count=counts[1:].to(i32).contiguous(),
-    )
-    if cache is None:
-        cache = {}
-        adapter_ids._abs_fast_plans = cache
-    cache.clear()  # older versions of this tensor's contents are stale
-    cache[key] = plan
-    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,12 +320,12 @@ class LoRALinearFunction(torch.autograd.Function):
     """Triton forward and backward of `lora_linear` on 2-D inputs (dense or NF4 base)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias):
+    def forward(ctx, x2d, weight, lora_a, lora_b, routing: AdapterRouting, scaling, bias):
         T, K = x2d.shape
         N = weight.shape[0]
         n, R = lora_a.shape[0], lora_a.shape[1]
         cfg = kernel_config(T, N, K, n, x2d.device)
-        plan = segment_plan(adapter_ids, n, cfg.block_m)
+        plan = routing.plan(cfg.block_m)
         precision = _lora_precision(x2d.dtype)
         shrunk = None
         if T > 0 and n > 0 and R > 0:
@@ -470,12 +381,21 @@ class LoRALinearFunction(torch.autograd.Function):
         return dx, None, da, db, None, None, None
 
 
+def _routing(adapter_ids, n_adapters: int, device: torch.device) -> AdapterRouting:
+    """The caller's AdapterRouting, or one built (and range-checked, one sync) from an id tensor."""
+    if isinstance(adapter_ids, AdapterRouting):
+        return adapter_ids
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"adapter_ids must be an integer tensor or an AdapterRouting, got {type(adapter_ids).__name__}")
+    return AdapterRouting.from_ids(adapter_ids, n_adapters, device=device)
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
-    adapter_ids: torch.Tensor,
+    adapter_ids: torch.Tensor | AdapterRouting,
     scaling: torch.Tensor | Sequence[float],
     bias: torch.Tensor | None = None,
     *,
@@ -484,20 +404,23 @@ def lora_linear(
     """Frozen base linear plus one LoRA adapter per token, all adapters in one pass.
 
     x [..., K]; weight [N, K] (frozen; a dense tensor or an NF4Weight); lora_a [n_adapters, r, K];
-    lora_b [n_adapters, N, r]; adapter_ids [...] int, one per token (-1 = base only); scaling [n_adapters] (alpha / r).
+    lora_b [n_adapters, N, r]; adapter_ids: [...] int, one per token (-1 = base only), or an
+    AdapterRouting built once for the batch (a model passes one to every layer: no id check and no
+    host sync per call); scaling [n_adapters] (alpha / r).
     Returns [..., N] in x's dtype. `backend` ("auto", "triton", "reference", "native") overrides the
-    automatic choice: an NF4 base with at most 16 tokens and no gradient to compute (decode) runs in
-    the native library when it is built; otherwise Triton on a GPU or under TRITON_INTERPRET=1, else
-    the PyTorch reference. "native" insists on the native library and says why when it cannot run.
+    automatic choice: an NF4 base with no gradient to compute and few tokens (decode) runs the NF4
+    decode product (`ops/nf4.py`, `nf4_decode_choice`); otherwise Triton on a GPU or under
+    TRITON_INTERPRET=1, else the PyTorch reference. "native" insists on the native library and says
+    why when it cannot run.
     """
+    routing = _routing(adapter_ids, lora_a.shape[0] if lora_a.dim() == 3 else 0, x.device)
     if isinstance(weight, NF4Weight) and backend in (None, "auto", "native"):
-        T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
+        T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
         x2d = x.reshape(T, K)
         reason = native_unsupported_reason(x2d, weight, lora_a, lora_b)
         if reason is None and (backend == "native" or requested_backend(backend) == "auto"):
-            _check_id_range(adapter_ids, n)
             scaling = _as_scaling(scaling, n, x.device)
-            y = nf4_lora_native(x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias)
+            y = nf4_lora_native(x2d, weight, lora_a, lora_b, routing.ids, scaling, bias)
             return y.reshape(*x.shape[:-1], N)
         if backend == "native":
             raise RuntimeError(f"backend='native' cannot run this call: {reason}")
@@ -505,13 +428,11 @@ def lora_linear(
         raise RuntimeError("backend='native' serves NF4 weights only (see abs_fast.quant.NF4Weight)")
     chosen = select_backend(x.device, x.dtype, backend)
     if chosen == "reference":
-        return lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias)
-    T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, adapter_ids, bias)
+        return lora_linear_reference(x, weight, lora_a, lora_b, routing, scaling, bias)
+    T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
     scaling = _as_scaling(scaling, n, x.device)
     x2d = x.reshape(T, K)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    if adapter_ids.dim() != 1:  # keep the caller's tensor object when possible: plans are cached on it
-        adapter_ids = adapter_ids.reshape(T)
-    y = LoRALinearFunction.apply(x2d, weight, lora_a, lora_b, adapter_ids, scaling, bias)
+    y = LoRALinearFunction.apply(x2d, weight, lora_a, lora_b, routing, scaling, bias)
     return y.reshape(*x.shape[:-1], N)
