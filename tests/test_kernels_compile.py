@@ -24,6 +24,7 @@ COMPILE_HELPERS = textwrap.dedent(r"""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from abs_fast.kernels import attention as k_attention
     from abs_fast.kernels import logprobs as k_logprobs
     from abs_fast.kernels import lora as k
     from abs_fast.kernels import nf4 as k_nf4
@@ -113,8 +114,23 @@ COMPILE_SCRIPT = COMPILE_HELPERS + textwrap.dedent(r"""
                             "dentropy_ptr": "*fp32", "g_ptr": "*fp32" if dtype == "fp32" else act},
                            dict(V_CHUNK=8192, HAS_ENTROPY=True, BLOCK_T=64, BLOCK_V=128, BLOCK_K=64,
                                 IEEE=dtype == "fp32", stride_hk=1, stride_wk=1, stride_gv=1), arch, num_warps=4)
+    # decode: the NF4 split-K matmul with its LoRA epilogue, and the flash-decoding attention
+    decode_ptrs = {"x_ptr": act, "packed_ptr": "*u8", "scale_ptr": "*fp32", "code_ptr": "*fp32", "bias_ptr": act,
+                   "l_ptr": "*fp32", "ids_ptr": "*i32", "b_ptr": "*fp32", "out_ptr": "*fp32"}
+    nf4_decode = compile_kernel(k_nf4.nf4_decode_matmul_kernel, decode_ptrs,
+                                dict(HAS_BIAS=True, HAS_LORA=True, SPLIT_K=4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                                     BLOCK_R=16, BLOCKSIZE_LOG2=6, LORA_PRECISION=precision,
+                                     BASE_IEEE=dtype == "fp32", stride_xk=1, stride_lr=1, stride_br=1, stride_on=1),
+                                arch, num_warps=4, num_stages=3)
+    decode_attention = compile_kernel(k_attention.decode_attention_kernel,
+                                      {"q_ptr": act, "k_ptr": act, "v_ptr": act, "seq_len_ptr": "*i32",
+                                       "out_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32"},
+                                      dict(GROUP=7, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=128, IEEE=dtype == "fp32",
+                                           stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1),
+                                      arch, num_warps=4, num_stages=3)
     for name, kernel in (("fwd", fwd), ("bwd", bwd), ("base_only", base_only), ("nf4_fwd", nf4_fwd),
-                         ("nf4_bwd", nf4_bwd), ("logprob_stats", stats), ("logprob_grad", grads)):
+                         ("nf4_bwd", nf4_bwd), ("logprob_stats", stats), ("logprob_grad", grads),
+                         ("nf4_decode", nf4_decode), ("decode_attention", decode_attention)):
         report[name] = {"ptx": kernel.asm["ptx"], "shared": kernel.metadata.shared}
     print(json.dumps({name: {"async": r["ptx"].count("cp.async"),
                              "mma": len(re.findall(r"\b(?:wgmma|mma)\.", r["ptx"])),
@@ -156,6 +172,20 @@ CONSUMER_SCRIPT = COMPILE_HELPERS + textwrap.dedent(r"""
                                              dict(BLOCK_M=128, BLOCK_R=64, BLOCK_D=64, LORA_PRECISION="tf32",
                                                   stride_lr=1, stride_rd=1, stride_od=1), arch, num_warps=4
                                              ).metadata.shared]
+    report["nf4_decode"] = [compile_kernel(
+        k_nf4.nf4_decode_matmul_kernel,
+        {"x_ptr": "*bf16", "packed_ptr": "*u8", "scale_ptr": "*fp32", "code_ptr": "*fp32", "bias_ptr": "*bf16",
+         "l_ptr": "*fp32", "ids_ptr": "*i32", "b_ptr": "*fp32", "out_ptr": "*fp32"},
+        dict(HAS_BIAS=True, HAS_LORA=True, SPLIT_K=4, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, BLOCK_R=64,
+             BLOCKSIZE_LOG2=6, LORA_PRECISION="tf32", BASE_IEEE=False, stride_xk=1, stride_lr=1, stride_br=1,
+             stride_on=1), arch, num_warps=8 if block_m >= 128 else 4, num_stages=3).metadata.shared
+        for block_m in (128,)]
+    report["decode_attention"] = [compile_kernel(
+        k_attention.decode_attention_kernel,
+        {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "seq_len_ptr": "*i32", "out_ptr": "*fp32",
+         "lse_ptr": "*fp32", "scale": "fp32"},
+        dict(GROUP=8, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=128, IEEE=False, stride_qd=1, stride_kd=1, stride_vd=1,
+             stride_od=1), arch, num_warps=4, num_stages=3).metadata.shared]
     for act in ("bf16", "fp32"):
         common = {"h_ptr": "*" + act, "w_ptr": "*" + act, "target_ptr": "*i64", "inv_temperature": "fp32"}
         report[f"logprob_stats {act}"] = [compile_kernel(

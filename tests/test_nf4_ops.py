@@ -8,6 +8,7 @@ import torch
 from helpers import FP32_REL, assert_close_rel
 from test_lora_linear import BF16_REL, CASES, TF32_REL, Case, make_ids, run
 
+import abs_fast.ops.lora as ll
 from abs_fast.ops import lora_linear, nf4_dequantize
 from abs_fast.ops.lora import lora_linear_reference
 from abs_fast.quant import NF4Weight
@@ -142,6 +143,60 @@ def test_no_dense_weight_is_kept_for_backward(backend, nf4_path, rng_seed):
     y.backward(grad_out)
     want = dequantized_float64(x, weight, bias, lora_a, lora_b, ids, scaling, grad_out)
     assert_close_rel(x.grad.cpu(), want[1], FP32_REL, "dx")
+
+
+DECODE_CASES = [Case(T=1, K=256, N=70, n_adapters=2, rank=8), Case(T=5, K=128, N=45, n_adapters=3, rank=16),
+                Case(T=23, K=320, N=33, n_adapters=2, rank=4, ids="interleaved"),
+                Case(T=40, K=64, N=19, n_adapters=1, rank=1, bias=False),
+                Case(T=9, K=192, N=40, n_adapters=2, rank=8, ids="all_base")]
+
+
+@pytest.mark.parametrize(("blocksize", "double_quant"), [(64, True), (128, False), (32, True)])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"T{c.T}-K{c.K}-N{c.N}-n{c.n_adapters}-{c.ids}")
+def test_triton_nf4_decode_matmul_matches_dequantized_float64(case, blocksize, double_quant, monkeypatch, rng_seed):
+    """The decode product (no gradient, up to 256 rows): one split-K pass over W with the LoRA expand
+    and bias of split 0, ragged N tiles, mixed adapters and base rows; forced for every row count."""
+    monkeypatch.setenv("ABS_FAST_NF4_DECODE", "triton")
+    x, weight, bias, lora_a, lora_b, ids, scaling, grad_out = make_nf4_inputs(case, torch.float32, rng_seed,
+                                                                               blocksize, double_quant)
+    calls = []
+    original = ll._nf4_decode
+    monkeypatch.setattr(ll, "_nf4_decode", lambda *args: calls.append(1) or original(*args))
+    with torch.no_grad():
+        got = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias)
+    assert calls, "the decode kernel did not run"
+    want = dequantized_float64(x, weight, bias, lora_a, lora_b, ids, scaling, grad_out)[0]
+    assert_close_rel(got.cpu(), want, FP32_REL, f"decode y ({case}, blocksize {blocksize})")
+
+
+def test_triton_nf4_decode_matmul_bf16(monkeypatch, rng_seed):
+    monkeypatch.setenv("ABS_FAST_NF4_DECODE", "triton")
+    case = Case(T=17, K=256, N=72, n_adapters=2, rank=16)
+    x, weight, bias, lora_a, lora_b, ids, scaling, grad_out = make_nf4_inputs(case, torch.bfloat16, rng_seed)
+    with torch.no_grad():
+        got = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias)
+    want = dequantized_float64(x, weight, bias, lora_a, lora_b, ids, scaling, grad_out)[0]
+    assert got.dtype == torch.bfloat16
+    assert_close_rel(got.cpu(), want, BF16_REL, "decode y bf16")
+
+
+def test_nf4_product_dispatch_rule(monkeypatch):
+    """Which NF4 product runs: the buffer from NF4_BUFFER_MIN_TOKENS tokens up, fused below; decode
+    (no gradient) up to 256 rows on the decode matmul; the environment overrides each choice."""
+    from abs_fast.ops.nf4 import NF4_BUFFER_MIN_TOKENS, nf4_path
+
+    assert nf4_path(NF4_BUFFER_MIN_TOKENS) == "buffer" and nf4_path(NF4_BUFFER_MIN_TOKENS - 1) == "fused"
+    monkeypatch.setenv("ABS_FAST_NF4_PATH", "fused")
+    assert nf4_path(10**6) == "fused"
+    q = NF4Weight.quantize(torch.randn(8, 64, device=DEVICE))
+    x = torch.randn(300, 64, device=DEVICE)
+    a, b = torch.randn(1, 2, 64, device=DEVICE), torch.randn(1, 8, 2, device=DEVICE)
+    assert ll._nf4_decode_reason(x[:256], q, a, b) is None
+    assert "at most 256 rows" in ll._nf4_decode_reason(x, q, a, b)
+    assert "gradients" in ll._nf4_decode_reason(x[:4].requires_grad_(), q, a, b)
+    monkeypatch.setenv("ABS_FAST_NF4_DECODE", "sometimes")
+    with pytest.raises(ValueError, match="ABS_FAST_NF4_DECODE"):
+        lora_linear(x[:4], q, a, b, torch.zeros(4, dtype=torch.long, device=DEVICE), [1.0])
 
 
 def test_nf4_weight_errors():

@@ -64,7 +64,8 @@ def _play(engine, prompts, roles, samples_per_prompt, target, new_tokens=8):
     for (i, role), result in zip(meta, engine.generate(requests), strict=True):
         reward = sum(t == target[role] for t in result.token_ids) / len(result.token_ids)
         rewards[role].append(reward)
-        samples.append(Sample(role, role, prompts[i], result.token_ids, reward, group=2 * i + roles.index(role)))
+        samples.append(Sample(role, role, prompts[i], result.token_ids, reward, group=2 * i + roles.index(role),
+                              logprobs=result.logprobs))
     return samples, {role: sum(v) / len(v) for role, v in rewards.items()}
 
 
@@ -133,6 +134,48 @@ def test_shared_mode_pools_both_roles_tokens(small_vocab_model, rng_seed):
     assert ours.keys() == pooled.keys() and ours
     for key, grad in pooled.items():
         assert torch.allclose(ours[key], grad, rtol=1e-5, atol=1e-7 * grad.abs().max()), key
+
+
+def test_reused_sampler_logprobs_halve_the_no_grad_pass_and_give_ratio_one(small_vocab_model, monkeypatch, rng_seed):
+    """With the sampler's log-probs as the old policy's: the no-grad pass forwards only the reference
+    (adapter id -1) copy of each sample, half the tokens of the pass that also scores the old policy;
+    the PPO ratio of the first epoch is exactly 1; and the step equals the one without reuse."""
+    import abs_fast.train.update as update
+
+    policy = load_policy(small_vocab_model, quantize=None, adapters=("attacker", "defender"), rank=4, alpha=8, seed=1)
+    gen = torch.Generator().manual_seed(rng_seed)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (3, 6, 4)]
+    engine = EmbeddedEngine(policy, max_batch=8, max_seq_len=32, seed=rng_seed)
+    samples, _ = _play(engine, prompts, ("attacker", "defender"), 2, {"attacker": 5, "defender": 9}, new_tokens=6)
+    for s in samples:  # rewards that vary within each role: the advantages then carry no numerical noise
+        s.reward = float(torch.randn(1, generator=gen))
+    counted, ratios = {"no_grad": 0}, []
+    original_forward, original_loss = policy.model.forward, update.ppo_clip_loss
+
+    def forward(input_ids, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            counted["no_grad"] += input_ids.numel()
+        return original_forward(input_ids, *args, **kwargs)
+
+    def loss(logp, old, advantages, clip_eps):
+        ratios.append(torch.exp(logp - old).detach())
+        return original_loss(logp, old, advantages, clip_eps)
+    monkeypatch.setattr(policy.model, "forward", forward)
+    monkeypatch.setattr(update, "ppo_clip_loss", loss)
+    gradients, tokens = {}, {}
+    for reuse in (False, True):
+        counted["no_grad"], ratios[:] = 0, []
+        settings = UpdateSettings(train_batch_size=64, grad_clip=0.0, reuse_sampler_logprobs=reuse)
+        gradients[reuse] = _update_gradients(policy, samples, settings, rng_seed)
+        tokens[reuse] = counted["no_grad"]
+        assert ratios and all(torch.equal(r, torch.ones_like(r)) for r in ratios), "PPO ratio is not exactly 1"
+    assert tokens[False] == sum(len(s) for s in samples) * 2 and tokens[True] * 2 == tokens[False]
+    for key, grad in gradients[False].items():
+        assert torch.allclose(gradients[True][key], grad, rtol=1e-4, atol=1e-6 * grad.abs().max()), key
+    with pytest.raises(ValueError, match="sample 0: reuse_sampler_logprobs"):
+        policy_update(policy, _optimizer(policy, ("attacker", "defender"), 1e-3),
+                      [Sample("attacker", "attacker", [3], [4, 5], 1.0)], UpdateSettings(reuse_sampler_logprobs=True),
+                      torch.Generator())
 
 
 def _defender_logits(policy, prompt):

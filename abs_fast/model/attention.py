@@ -74,13 +74,16 @@ def packed_backend(device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
-def decode_backend(device: torch.device) -> str:
-    """The decode-attention implementation for a KV cache on `device`."""
+def decode_backend(device: torch.device, head_dim: int = 128) -> str:
+    """The decode-attention implementation for a KV cache on `device` (the Triton kernel needs a
+    power-of-two head_dim >= 16, as Qwen2.5, Llama and Mistral have)."""
     name = _requested("ABS_FAST_DECODE_ATTENTION", DECODE_BACKENDS)
-    if name == "triton" and not triton_runs_on(device):
-        raise RuntimeError("ABS_FAST_DECODE_ATTENTION=triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+    kernel_ok = triton_runs_on(device) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+    if name == "triton" and not kernel_ok:
+        raise RuntimeError("ABS_FAST_DECODE_ATTENTION=triton needs a CUDA device (or TRITON_INTERPRET=1 on CPU) and "
+                           f"a power-of-two head_dim >= 16 (this model's is {head_dim})")
     if name == "auto":
-        return "triton" if device.type == "cuda" and triton_runs_on(device) else "sdpa"
+        return "triton" if device.type == "cuda" and kernel_ok else "sdpa"
     return name
 
 
@@ -286,17 +289,16 @@ def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     split_size = -(-capacity // splits)
     partial = torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
-    block_d = max(16, 1 << (D - 1).bit_length())
     block_n = 32 if os.environ.get("TRITON_INTERPRET") == "1" else 64
     kernels.decode_attention_kernel[(B, kv_heads, splits)](
         q, k_cache, v_cache, seq_lens, partial, lse,
-        scale, 0 if window is None else window, split_size, D,
+        scale, 0 if window is None else window, split_size,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        GROUP=group, BLOCK_G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=block_n, BLOCK_D=block_d,
+        GROUP=group, BLOCK_G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=block_n, HEAD_DIM=D,
         IEEE=q.dtype == torch.float32,
     )
     # combine the splits (an empty split has lse -inf and weight 0)

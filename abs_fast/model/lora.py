@@ -18,7 +18,7 @@ from abs_fast.quant import NF4Weight
 
 __all__ = ["MultiLoRALinear"]
 
-_NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset", "nested_code")
+_NF4_FIELDS = ("packed", "absmax", "nested_absmax", "nested_offset", "nested_code", "scales")
 
 
 class MultiLoRALinear(nn.Module):
@@ -85,7 +85,7 @@ class MultiLoRALinear(nn.Module):
             return self.weight
         shape, dtype, blocksize = self._nf4_format
         return NF4Weight(self.nf4_packed, self.nf4_absmax, shape, dtype, blocksize, self.nf4_nested_absmax,
-                         self.nf4_nested_offset, self.nf4_nested_code)
+                         self.nf4_nested_offset, self.nf4_nested_code, self.nf4_scales)
 
     @property
     def device(self) -> torch.device:
@@ -105,8 +105,9 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"an NF4 weight of shape {tuple(nf4.shape)} does not fit a layer "
                              f"[{self.out_features}, {self.in_features}]")
         self.weight = None  # this layer's reference to a dense weight goes now
-        for field in _NF4_FIELDS:
-            self.register_buffer(f"nf4_{field}", getattr(nf4, field))
+        nf4 = nf4.with_scales()  # the block scales are decoded once here, not at every forward
+        for field in _NF4_FIELDS:  # the decoded scales are derived: not part of the state dict
+            self.register_buffer(f"nf4_{field}", getattr(nf4, field), persistent=field != "scales")
         self._nf4_format = (nf4.shape, nf4.dtype, nf4.blocksize)
 
     def _apply(self, fn, recurse=True):

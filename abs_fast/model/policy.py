@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from abs_fast.model.adapters import CONFIG_NAME, load_peft_adapter, save_peft_adapter
@@ -387,8 +386,9 @@ class Policy(nn.Module):
     def logits(self, input_ids: torch.Tensor, adapter_ids=None, position_ids=None, attention_mask=None):
         """Logits [B, S, vocab] as fp32, from the head in the model's dtype: for tests and small
         batches (training uses token_logprobs)."""
-        hidden = self(input_ids, adapter_ids, position_ids, attention_mask)
-        return F.linear(hidden, self.model.lm_head_weight).float()
+        from abs_fast.model.scoring import head_logits
+
+        return head_logits(self(input_ids, adapter_ids, position_ids, attention_mask), self.model.lm_head_weight)
 
 
 def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",

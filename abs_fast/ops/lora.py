@@ -17,8 +17,10 @@ import torch.nn.functional as F
 
 from abs_fast.ops.backend import requested_backend, select_backend, triton_interpreting
 from abs_fast.ops.nf4 import (
+    NF4_DECODE_MAX_ROWS,
     code_table,
     native_unsupported_reason,
+    nf4_decode_choice,
     nf4_dequantize,
     nf4_linear_reference,
     nf4_lora_native,
@@ -245,11 +247,11 @@ def _dequantize_to_scratch(weight: NF4Weight, dtype: torch.dtype) -> torch.Tenso
     return nf4_dequantize(weight, dtype, out=buffer[: weight.numel], backend="triton")
 
 
-def _base_operand(weight, dtype: torch.dtype, transpose: bool):
+def _base_operand(weight, dtype: torch.dtype, transpose: bool, tokens: int):
     """(operand, strides) for the fused matmul to read Wmat = W ([N, K]) or W^T ([K, N])."""
     if isinstance(weight, NF4Weight):
         K = weight.shape[1]
-        if nf4_path() == "fused":
+        if nf4_path(tokens) == "fused":
             return _nf4_operand(weight), ((1, K) if transpose else (K, 1))
         weight = _dequantize_to_scratch(weight, dtype)
     strides = (weight.stride(0), weight.stride(1))
@@ -332,7 +334,7 @@ class LoRALinearFunction(torch.autograd.Function):
             shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
                              scaling, plan, R, cfg, precision)
         if T > 0:
-            w, w_strides = _base_operand(weight, x2d.dtype, transpose=False)
+            w, w_strides = _base_operand(weight, x2d.dtype, transpose=False, tokens=T)
             y = _fused_matmul(x2d, w, w_strides, N, bias,
                               shrunk, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)),
                               R, plan, cfg, precision)
@@ -368,7 +370,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 dx = torch.zeros_like(x2d)
             else:
                 # dX = dY @ W + dS @ A[a]: the fused matmul reading Wmat[k, n] = W[n, k], Q[a][k, j] = A[a][j, k]
-                w, w_strides = _base_operand(weight, dy.dtype, transpose=True)
+                w, w_strides = _base_operand(weight, dy.dtype, transpose=True, tokens=T)
                 dx = _fused_matmul(dy, w, w_strides, K, None,
                                    d_shrunk, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
                                    R, plan, cfg, precision)
@@ -379,6 +381,70 @@ class LoRALinearFunction(torch.autograd.Function):
             db = (_segment_grad(shrunk, dy, plan, R, lora_b.shape[1], True, cfg, precision).to(lora_b.dtype)
                   if has_lora else torch.zeros_like(lora_b))
         return dx, None, da, db, None, None, None
+
+
+def _nf4_decode_reason(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor) -> str | None:
+    """Why the Triton NF4 decode matmul cannot serve this call (None when it can)."""
+    T, K = x2d.shape
+    if T > NF4_DECODE_MAX_ROWS:
+        return f"it serves at most {NF4_DECODE_MAX_ROWS} rows, got {T}"
+    if torch.is_grad_enabled() and (x2d.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
+        return "it computes no gradients"
+    if select_backend(x2d.device, x2d.dtype) != "triton" or x2d.dtype == torch.float64:
+        return "Triton does not run on these tensors here"
+    block_k = min(64, weight.blocksize)
+    if K % block_k or weight.blocksize < 16:
+        return f"it needs in_features % {block_k} == 0 and blocksize >= 16"
+    return None
+
+
+def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting, scaling, bias) -> torch.Tensor:
+    """Few rows times an NF4 base in one split-K pass that reads W once (kernels/nf4.py), the LoRA
+    expand and bias added by split 0; the shrink runs first (the Triton shrink kernel)."""
+    from abs_fast.kernels import nf4 as k
+
+    T, K = x2d.shape
+    N = weight.shape[0]
+    n, R = lora_a.shape[0], lora_a.shape[1]
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    has_lora = T > 0 and n > 0 and R > 0
+    precision = _lora_precision(x2d.dtype)
+    shrunk = None
+    if has_lora:
+        cfg = kernel_config(T, N, K, n, x2d.device)
+        shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), scaling,
+                         routing.plan(cfg.block_m), R, cfg, precision)
+    block_k = min(64, weight.blocksize)
+    if triton_interpreting():
+        block_m, block_n, warps, stages = 16, 32, 4, 1
+        split_k = 2 if 4 * block_k <= K else 1
+    else:
+        block_m = min(128, max(16, _next_pow2(T)))
+        block_n, warps, stages = 64, 8 if block_m >= 128 else 4, 3
+        tiles = _cdiv(T, block_m) * _cdiv(N, block_n)
+        sms = _sm_count(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
+        split_k = max(1, min(_cdiv(2 * sms, tiles), K // (4 * block_k)))
+    k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
+    split_k = _cdiv(K, k_per_split)
+    out = torch.empty(split_k, T, N, device=x2d.device, dtype=x2d.dtype if split_k == 1 else torch.float32)
+    grid = (_cdiv(T, block_m) * _cdiv(N, block_n), split_k)
+    k.nf4_decode_matmul_kernel[grid](
+        x2d, weight.packed, weight.block_absmax(), code_table(x2d.device),
+        bias if bias is not None else x2d, shrunk if has_lora else x2d, routing.ids,
+        lora_b if has_lora else x2d, out,
+        T, N, K, R, n if has_lora else 0, k_per_split,
+        x2d.stride(0), x2d.stride(1),
+        shrunk.stride(0) if has_lora else 0, shrunk.stride(1) if has_lora else 0,
+        *((lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)) if has_lora else (0, 0, 0)),
+        out.stride(0), out.stride(1), out.stride(2),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, _next_pow2(R)),
+        BLOCKSIZE_LOG2=weight.blocksize.bit_length() - 1, LORA_PRECISION=precision,
+        BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        num_warps=warps, num_stages=stages,
+    )
+    return out[0] if split_k == 1 else out.sum(0).to(x2d.dtype)
 
 
 def _routing(adapter_ids, n_adapters: int, device: torch.device) -> AdapterRouting:
@@ -417,13 +483,17 @@ def lora_linear(
     if isinstance(weight, NF4Weight) and backend in (None, "auto", "native"):
         T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
         x2d = x.reshape(T, K)
+        decode, auto = nf4_decode_choice(), backend == "native" or requested_backend(backend) == "auto"
         reason = native_unsupported_reason(x2d, weight, lora_a, lora_b)
-        if reason is None and (backend == "native" or requested_backend(backend) == "auto"):
+        if reason is None and auto and (backend == "native" or decode in ("auto", "native")):
             scaling = _as_scaling(scaling, n, x.device)
             y = nf4_lora_native(x2d, weight, lora_a, lora_b, routing.ids, scaling, bias)
             return y.reshape(*x.shape[:-1], N)
         if backend == "native":
             raise RuntimeError(f"backend='native' cannot run this call: {reason}")
+        if auto and decode in ("auto", "triton") and _nf4_decode_reason(x2d, weight, lora_a, lora_b) is None:
+            y = _nf4_decode(x2d, weight, lora_a, lora_b, routing, _as_scaling(scaling, n, x.device), bias)
+            return y.reshape(*x.shape[:-1], N)
     elif backend == "native":
         raise RuntimeError("backend='native' serves NF4 weights only (see abs_fast.quant.NF4Weight)")
     chosen = select_backend(x.device, x.dtype, backend)

@@ -16,20 +16,44 @@ import torch.nn.functional as F
 from abs_fast.ops.backend import select_backend
 from abs_fast.quant.nf4 import NF4_CODE, NF4Weight
 
-__all__ = ["NF4_PATHS", "nf4_dequantize", "nf4_linear_reference", "nf4_path"]
+__all__ = ["NF4_BUFFER_MIN_TOKENS", "NF4_DECODE_MAX_ROWS", "NF4_PATHS", "nf4_decode_choice", "nf4_dequantize",
+           "nf4_linear_reference", "nf4_path"]
 
-# How lora_linear's Triton backend multiplies by an NF4 base:
-#   fused   decode each weight tile inside the GEMM's K-loop (no dense W anywhere)
-#   buffer  dequantise the whole weight into one reused scratch buffer, then the dense fused GEMM
-# "auto" is "fused" until GPU measurements give a shape rule (bench/RESULTS.md).
+# How lora_linear's Triton backend multiplies tokens that need gradients (training) or are many
+# (prefill) by an NF4 base:
+#   fused   decode each weight tile inside the GEMM's K-loop (no dense W anywhere); every M tile
+#           decodes W again, so its decode work grows with the tokens
+#   buffer  dequantise the whole weight once into one scratch buffer reused by every layer (read
+#           0.5 B and write 2 B per weight), then the dense fused GEMM at full tensor-core speed
+# The rule ("auto"): buffer from NF4_BUFFER_MIN_TOKENS tokens up, fused below. The threshold is an
+# estimate, unmeasured on a GPU: at 7B shapes on an H100 the buffer's extra pass costs about as much
+# as ~128-256 tokens of GEMM, while the fused kernel runs at an estimated ~26% of bf16 peak
+# (bench/RESULTS.md); scripts/gpu-check.sh measures both paths per shape to settle it.
 NF4_PATHS = ("auto", "fused", "buffer")
+NF4_BUFFER_MIN_TOKENS = 256
+
+# Few tokens and no gradient (decode): the native CUDA/CPU product for up to 16 rows, the Triton
+# split-K decode matmul (kernels/nf4.py) for up to NF4_DECODE_MAX_ROWS. ABS_FAST_NF4_DECODE:
+# auto | native (native only) | triton (the Triton kernel also below 17 rows) | off (neither).
+NF4_DECODE_CHOICES = ("auto", "native", "triton", "off")
+NF4_DECODE_MAX_ROWS = 256
 
 
-def nf4_path() -> str:
+def nf4_path(tokens: int) -> str:
+    """"fused" or "buffer" for a product of `tokens` rows (ABS_FAST_NF4_PATH overrides the rule)."""
     name = os.environ.get("ABS_FAST_NF4_PATH", "auto")
     if name not in NF4_PATHS:
         raise ValueError(f"ABS_FAST_NF4_PATH must be one of {NF4_PATHS}, got {name!r}")
-    return "fused" if name == "auto" else name
+    if name == "auto":
+        return "buffer" if tokens >= NF4_BUFFER_MIN_TOKENS else "fused"
+    return name
+
+
+def nf4_decode_choice() -> str:
+    name = os.environ.get("ABS_FAST_NF4_DECODE", "auto")
+    if name not in NF4_DECODE_CHOICES:
+        raise ValueError(f"ABS_FAST_NF4_DECODE must be one of {NF4_DECODE_CHOICES}, got {name!r}")
+    return name
 
 
 @functools.cache

@@ -151,6 +151,7 @@ class NF4Weight:
     nested_absmax: torch.Tensor | None = None  # fp32 [ceil(n_blocks / 256)]
     nested_offset: torch.Tensor | None = None  # fp32 scalar
     nested_code: torch.Tensor | None = None  # fp32 [256]
+    scales: torch.Tensor | None = None  # fp32 [n_blocks]: block_absmax() decoded once and kept (`with_scales`)
 
     @property
     def double_quant(self) -> bool:
@@ -186,11 +187,19 @@ class NF4Weight:
             return cls(packed, absmax_q, w.shape, w.dtype, blocksize, absmax2, offset, code2)
 
     def block_absmax(self) -> torch.Tensor:
-        """The fp32 scale of every block (decoding the nested statistics if double-quantised)."""
+        """The fp32 scale of every block (decoding the nested statistics if double-quantised, unless
+        they were decoded once already: `with_scales`)."""
+        if self.scales is not None:
+            return self.scales
         if not self.double_quant:
             return self.absmax
         nested = self.nested_code[self.absmax.long()]
         return _expand_blocks(nested, self.nested_absmax, NESTED_BLOCKSIZE) + self.nested_offset
+
+    def with_scales(self) -> NF4Weight:
+        """This weight with its block scales decoded once and kept (4 bytes per block, 0.5 bit per
+        parameter at blocksize 64): kernels then read them instead of decoding them at every call."""
+        return self if self.scales is not None or not self.double_quant else replace(self, scales=self.block_absmax())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight as a dense tensor (fp32 products, then cast), as bitsandbytes computes it."""
@@ -203,7 +212,7 @@ class NF4Weight:
 
     def nbytes(self) -> int:
         """Bytes stored for this weight: packed codes and every statistic."""
-        tensors = [self.packed, self.absmax, self.nested_absmax, self.nested_offset, self.nested_code]
+        tensors = [self.packed, self.absmax, self.nested_absmax, self.nested_offset, self.nested_code, self.scales]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def bits_per_parameter(self) -> float:
@@ -213,7 +222,7 @@ class NF4Weight:
         move = lambda t: None if t is None else t.to(device)
         return replace(self, packed=move(self.packed), absmax=move(self.absmax),
                        nested_absmax=move(self.nested_absmax), nested_offset=move(self.nested_offset),
-                       nested_code=move(self.nested_code))
+                       nested_code=move(self.nested_code), scales=move(self.scales))
 
     # --- bitsandbytes interop -------------------------------------------------------------
 

@@ -25,9 +25,9 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from abs_fast.model.attention import CacheWrite, DecodeBatch, Documents, KVCache, PackedBatch, decode_backend
+from abs_fast.model.scoring import head_logits
 from abs_fast.ops.routing import AdapterRouting
 from abs_fast.rollout.base import RolloutRequest, RolloutResult
 from abs_fast.rollout.sampling import SamplingSettings, sample_next
@@ -123,7 +123,7 @@ class EmbeddedEngine:
         self.max_batch, self.max_seq_len, self.poll_every = max_batch, max_seq_len, poll_every
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.progress = progress
-        self.attention = decode_backend(policy.device)
+        self.attention = decode_backend(policy.device, policy.config.head_dim)
         self.cuda_graphs = cuda_graphs and policy.device.type == "cuda" and self.attention == "triton"
         self.cache: KVCache | None = None
         self.stats = EngineStats()
@@ -308,7 +308,7 @@ class EmbeddedEngine:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, vocab] fp32 logits from the head in the model's dtype (no copy of the head weight)."""
-        return F.linear(hidden, self.policy.model.lm_head_weight).float()
+        return head_logits(hidden, self.policy.model.lm_head_weight)
 
     # --- CUDA graphs ----------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     grad_clip: float = 1.0  # per adapter (0 = off)
+    reuse_sampler_logprobs: bool = True  # embedded engine: its log-probs are the old policy's (see README)
     # run
     steps: int = 200
     seed: int = 0

@@ -109,6 +109,8 @@ class Trainer:
             max_seq_len = config.max_prompt_tokens + config.attacker_max_new_tokens + config.defender_max_new_tokens
             self.engine = EmbeddedEngine(self.policy, self.tokenizer, max_batch=config.engine_max_batch,
                                          max_seq_len=max_seq_len, seed=config.seed + rank)
+        # the embedded engine samples from the policy's own weights: its log-probs are the old policy's
+        self.reuse_sampler_logprobs = config.reuse_sampler_logprobs and isinstance(self.engine, EmbeddedEngine)
         self.judge = judge if judge is not None else load_judge(config, device=self.rank_device)
         seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]
         self.stream = SeedStream(seeds, config.seed)
@@ -330,7 +332,8 @@ class Trainer:
                 if reward is not None:
                     samples.append(Sample(role, self.adapters[role], getattr(game, f"{role}_prompt"),
                                           getattr(game, f"{role}_response"), reward,
-                                          group=2 * game.group + ROLES.index(role)))
+                                          group=2 * game.group + ROLES.index(role),
+                                          logprobs=getattr(game, f"{role}_logprobs")))
         return samples
 
     def _set_learning_rates(self) -> None:
@@ -346,7 +349,8 @@ class Trainer:
         settings = UpdateSettings(algorithm=config.algorithm, kl_beta=config.kl_beta, clip_eps=config.clip_eps,
                                   reward_clip=config.reward_clip, train_batch_size=config.train_batch_size,
                                   token_budget=config.token_budget, grad_clip=config.grad_clip,
-                                  temperature=config.temperature)
+                                  temperature=config.temperature,
+                                  reuse_sampler_logprobs=self.reuse_sampler_logprobs)
         return policy_update(self.policy, self.optimizer, samples, settings, self.update_rng,
                              collective=self.collective)
 

@@ -41,6 +41,7 @@ class Sample:
     response_ids: Sequence[int]
     reward: float
     group: int = 0  # samples of one seed and role: the comparison set of GRPO / RLOO
+    logprobs: Sequence[float] | None = None  # the sampler's, of response_ids (UpdateSettings.reuse_sampler_logprobs)
 
     def __len__(self) -> int:  # tokens the packed forward reads
         return len(self.prompt_ids) + len(self.response_ids) - 1
@@ -56,6 +57,11 @@ class UpdateSettings:
     token_budget: int = 8192
     grad_clip: float = 1.0
     temperature: float = 1.0
+    # The sampler's log-probs serve as the old policy's (the policy has not changed since sampling):
+    # the no-grad pass then computes only the reference (adapter id -1) half. The first train batch
+    # takes the training forward's own values as old (ratio exactly 1, the policy being unchanged);
+    # later batches, after an optimizer step, the sampler's.
+    reuse_sampler_logprobs: bool = False
 
 
 def _pad(rows: list[torch.Tensor], length: int, device: torch.device) -> torch.Tensor:
@@ -90,27 +96,39 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     loss_groups = torch.tensor([group_names.index(s.adapter) for s in samples], device=device, dtype=torch.long)
     reduce = collective.sum if collective.enabled else None
 
-    # 1. old-policy and reference log-probs in one no-grad pass (each sample twice: adapter, -1)
+    # 1. log-probs before the update, in packed no-grad passes: the reference (adapter id -1, the
+    #    anchor) always; the old policy's (each sample's own adapter) only when the sampler's are not reused
     start = time.perf_counter()
-    twice = [(s.prompt_ids, s.response_ids, a) for s, a in zip(samples, adapter_ids, strict=True)]
-    twice += [(s.prompt_ids, s.response_ids, -1) for s in samples]
-    old_and_ref: list[torch.Tensor] = [None] * len(twice)
-    entropy: list[torch.Tensor] = [None] * len(samples)
-    with torch.no_grad():
-        for batch in micro_batches([len(s) for s in samples] * 2, settings.token_budget):
-            logps, ents = packed_logprobs(policy, [twice[i] for i in batch], temperature, return_entropy=True)
-            for i, lp, ent in zip(batch, logps, ents, strict=True):
-                old_and_ref[i] = lp
-                if i < len(samples):
-                    entropy[i] = ent
+    reuse = settings.reuse_sampler_logprobs
     N = len(samples)
+    if reuse:
+        for i, s in enumerate(samples):
+            if s.logprobs is None or len(s.logprobs) != len(s.response_ids):
+                raise ValueError(f"sample {i}: reuse_sampler_logprobs needs the sampler's log-prob of every response "
+                                 "token")
+    items = [] if reuse else [(s.prompt_ids, s.response_ids, a) for s, a in zip(samples, adapter_ids, strict=True)]
+    items += [(s.prompt_ids, s.response_ids, -1) for s in samples]
+    scored: list[torch.Tensor] = [None] * len(items)
+    entropy: list[torch.Tensor] = [None] * N
+    with torch.no_grad():
+        for batch in micro_batches([len(items[i][0]) + len(items[i][1]) - 1 for i in range(len(items))],
+                                   settings.token_budget):
+            logps, ents = packed_logprobs(policy, [items[i] for i in batch], temperature, return_entropy=True)
+            for i, lp, ent in zip(batch, logps, ents, strict=True):
+                scored[i] = lp
+                if not reuse and i < N:
+                    entropy[i] = ent
     L = max((len(s.response_ids) for s in samples), default=1)
-    logp_old, logp_ref = _pad(old_and_ref[:N], L, device), _pad(old_and_ref[N:], L, device)
+    if reuse:
+        old_rows = [torch.tensor(s.logprobs, dtype=torch.float32, device=device) for s in samples]
+        logp_old, logp_ref = _pad(old_rows, L, device), _pad(scored, L, device)
+    else:
+        logp_old, logp_ref = _pad(scored[:N], L, device), _pad(scored[N:], L, device)
     mask = _pad([torch.ones(len(s.response_ids), device=device) for s in samples], L, device)
-    entropies = _pad(entropy, L, device)
     metrics["seconds/logprob"] = time.perf_counter() - start
     token_total = float(collective.sum(torch.tensor([float(sum(len(s) for s in samples))], device=device)))
-    metrics["tokens_per_second/logprob"] = 2 * token_total / max(metrics["seconds/logprob"], 1e-9)
+    metrics["tokens_per_second/logprob"] = len(items) / max(N, 1) * token_total / max(metrics["seconds/logprob"],
+                                                                                       1e-9)
 
     # 2. advantages
     rewards = torch.tensor([s.reward for s in samples], device=device, dtype=torch.float32)
@@ -121,15 +139,9 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     kl_tokens = kl_k1(logp_old, logp_ref)
     for i in role_index.values():
         chosen = (roles == i)[:, None] & mask.bool()
-        role_stats[i] = torch.stack([kl_tokens[chosen].double().sum(), entropies[chosen].double().sum(),
-                                     chosen.sum().double(), (roles == i).sum().double()])
-    role_stats = collective.sum(role_stats)
-    for role, i in role_index.items():
-        kl_sum, entropy_sum, tokens, count = role_stats[i].tolist()
-        if tokens:
-            metrics[f"kl/{role}"] = kl_sum / tokens
-            metrics[f"entropy/{role}"] = entropy_sum / tokens
-            metrics[f"response_tokens/{role}"] = tokens / count
+        entropy_sum = _pad(entropy, L, device)[chosen].double().sum() if not reuse else role_stats.new_zeros(())
+        role_stats[i] = torch.stack([kl_tokens[chosen].double().sum(), entropy_sum, chosen.sum().double(),
+                                     (roles == i).sum().double()])
 
     # 3. train batches -> packed micro-batches -> one optimizer step per train batch
     start = time.perf_counter()
@@ -150,9 +162,17 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
         for micro in micro_batches([len(samples[j]) for j in batch], settings.token_budget):
             chosen = [batch[k] for k in micro]
             items = [(samples[j].prompt_ids, samples[j].response_ids, adapter_ids[j]) for j in chosen]
-            logp = torch.cat(packed_logprobs(policy, items, temperature))
+            scored_now = packed_logprobs(policy, items, temperature, return_entropy=reuse)
+            logps, ents = scored_now if reuse else (scored_now, None)
+            logp = torch.cat(logps)
             valid = mask[chosen].bool()
             old, adv, ref = logp_old[chosen][valid], advantages[chosen][valid], logp_ref[chosen][valid]
+            if reuse:
+                if steps_taken == 0:  # the policy is the sampling policy: its own values, ratio exactly 1
+                    old = logp.detach()
+                token_role = roles[chosen][:, None].expand_as(valid)[valid]
+                role_stats[:, 1] += torch.zeros(len(ROLES), dtype=torch.float64, device=device).index_add_(
+                    0, token_role, torch.cat(ents).detach().double())
             token_loss, was_clipped = ppo_clip_loss(logp, old, adv, settings.clip_eps)
             if settings.algorithm == "grpo" and settings.kl_beta > 0:
                 token_loss = token_loss + settings.kl_beta * kl_loss(logp, ref)
@@ -190,6 +210,13 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
                            step)
         optimizer.zero_grad(set_to_none=True)
     metrics["seconds/train"] = time.perf_counter() - start
+    role_stats = collective.sum(role_stats)
+    for role, i in role_index.items():
+        kl_sum, entropy_sum, tokens, count = role_stats[i].tolist()
+        if tokens:
+            metrics[f"kl/{role}"] = kl_sum / tokens
+            metrics[f"entropy/{role}"] = entropy_sum / tokens
+            metrics[f"response_tokens/{role}"] = tokens / count
     metrics["tokens_per_second/train"] = token_total / max(metrics["seconds/train"], 1e-9)
     summed = collective.sum(torch.tensor([sum(losses), clipped, float(tokens_seen)], dtype=torch.float64,
                                          device=device)).tolist()
