@@ -5,34 +5,24 @@ Shared by the RL update, the collapse diagnostics and evaluation."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from abs_fast.model.attention import Documents, PackedBatch
+from abs_fast.ops.backend import matmul_fp32_out
 from abs_fast.ops.logprobs import token_logprobs
 from abs_fast.ops.routing import AdapterRouting
 
 __all__ = ["head_logits", "micro_batches", "packed_logprobs"]
 
 
-@functools.cache
-def _mm_out_dtype(device_type: str) -> bool:
-    """Does this torch multiply 16-bit inputs into fp32 outputs on `device_type` (torch.mm out_dtype)?"""
-    try:
-        a = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-
-
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits [rows, vocab] from the LM head in the model's dtype, without a copy of the head:
     on CUDA one GEMM with fp32 output (16-bit logits are never rounded), elsewhere the product in
     the model's dtype, then fp32."""
-    if hidden.dtype != torch.float32 and hidden.is_cuda and _mm_out_dtype(hidden.device.type):
+    if hidden.dtype != torch.float32 and hidden.is_cuda and matmul_fp32_out(hidden.device.type):
         return torch.mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(),
                         out_dtype=torch.float32).view(*hidden.shape[:-1], -1)
     return F.linear(hidden, weight).float()

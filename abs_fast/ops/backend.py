@@ -83,6 +83,17 @@ def select_backend(device: torch.device, dtype: torch.dtype, backend: str | None
     return "triton"
 
 
+@functools.cache
+def matmul_fp32_out(device_type: str) -> bool:
+    """Can this torch multiply 16-bit matrices into an fp32 result on `device_type` (mm / addmm
+    out_dtype, CUDA in torch >= 2.8): fp32 accumulation without rounding the product to 16 bits."""
+    try:
+        a = torch.ones(1, 1, dtype=torch.bfloat16, device=device_type)
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def describe_backends() -> dict[str, str]:
     """Human-readable: which backend `lora_linear` uses for CPU and CUDA tensors in this process."""
     forced = os.environ.get("ABS_FAST_BACKEND")

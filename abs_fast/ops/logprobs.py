@@ -13,14 +13,17 @@ import math
 
 import torch
 
-from abs_fast.ops.backend import select_backend, triton_interpreting
+from abs_fast.ops.backend import matmul_fp32_out, select_backend, triton_interpreting
 
 __all__ = ["token_logprobs", "token_logprobs_reference"]
 
 IGNORE_INDEX = -100
 # Largest [tokens x chunk] fp32 block the PyTorch paths hold at once (the Triton forward holds
-# only register tiles; its backward writes one gradient block of this size per GEMM).
+# only register tiles).
 CHUNK_ELEMENTS = 1 << 24
+# The Triton backward writes one [tokens x chunk] gradient block (model dtype) per GEMM: large
+# chunks mean few GEMMs, each accumulated into the fp32 hidden gradient in place.
+BACKWARD_CHUNK_BYTES = 1 << 27
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -162,13 +165,26 @@ class TokenLogprobsFunction(torch.autograd.Function):
         grad_chunk = _grad_chunk_triton if ctx.use_triton else _grad_chunk_reference
         dh = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         V = weight.shape[0]
-        for v0 in range(0, V, ctx.chunk):
-            v1 = min(V, v0 + ctx.chunk)
+        chunk = ctx.chunk
+        if ctx.use_triton and not triton_interpreting():
+            T = hidden.shape[0]
+            chunk = max(chunk, min(V, BACKWARD_CHUNK_BYTES // (T * hidden.element_size()) // 128 * 128))
+        for v0 in range(0, V, chunk):
+            v1 = min(V, v0 + chunk)
             g = grad_chunk(hidden, weight, safe_targets, lse, entropy, dlogp.contiguous(), dent, v0, v1,
                            ctx.inv_temperature)
-            w = weight[v0:v1]
-            dh += (g @ w).float() if g.dtype == w.dtype else g @ w.float()
+            dh = _accumulate(dh, g, weight[v0:v1])
         return dh.to(hidden.dtype), None, None, None, None, None
+
+
+def _accumulate(dh: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """dh + g @ w with fp32 accumulation into dh: in place for fp32; for 16-bit g and w on CUDA one
+    GEMM with an fp32 result (no 16-bit product, no fp32 copy of it); elsewhere fp32 products."""
+    if g.dtype == torch.float32 and w.dtype == torch.float32:
+        return dh.addmm_(g, w)
+    if dh.is_cuda and matmul_fp32_out(dh.device.type):
+        return torch.addmm(dh, g, w, out_dtype=torch.float32)
+    return dh.addmm_(g.float(), w.float())
 
 
 def _prepare(hidden, lm_head_weight, targets, temperature):
