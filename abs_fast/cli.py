@@ -27,7 +27,7 @@ def _info(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from abs_fast.train import apply_overrides, config_from_file, preset_config
 
-    if args.resume and args.preset is None and args.config is None:
+    if getattr(args, "resume", False) and args.preset is None and args.config is None:
         saved = Path(args.output or "") / "config.json"
         if not args.output or not saved.is_file():
             raise SystemExit("abs-fast train --resume needs --output RUN_DIR (holding config.json), or the original "
@@ -39,9 +39,22 @@ def _train_config(args: argparse.Namespace):
         config = preset_config(args.preset or "tiny")
     if args.model is not None:
         config = apply_overrides(config, {"model": args.model}, where="--model")
-    if args.output is not None:
+    if getattr(args, "output", None) is not None:
         config = apply_overrides(config, {"output": args.output}, where="--output")
     return apply_overrides(config, args.set or [])
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from abs_fast.train.plan import parse_gib, plan_memory
+
+    try:
+        config = _train_config(args).validate(require_model=False)
+        gib = parse_gib(args.gpu_memory) if args.gpu_memory is not None else None
+        plan = plan_memory(config, preset=args.preset, gpu_memory_gb=gib, device=args.device)
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        return _user_error("plan", err)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -202,6 +215,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "mode=shared lr_defender=1e-5")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in RUN_DIR")
     train.set_defaults(run=_train)
+
+    plan = commands.add_parser(
+        "plan", help="predict a training run's peak memory per phase and whether it fits (loads nothing)",
+        description="The memory plan of a run (the same configuration options as train): base weights, adapters and "
+                    "Adam, KV cache, judge, activations at the token budget, transients; the peak phase, whether it "
+                    "fits --gpu-memory, and which knob to turn if it does not.")
+    plan_start = plan.add_mutually_exclusive_group()
+    plan_start.add_argument("--preset", choices=list(_train_presets()), help="named starting configuration")
+    plan_start.add_argument("--config", metavar="FILE", help="JSON or TOML file of config keys")
+    plan.add_argument("--model", metavar="LOCAL_DIR", help="checkpoint directory (its config.json gives the shape)")
+    plan.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config keys, as for train")
+    plan.add_argument("--gpu-memory", metavar="GB", help="memory of the device, e.g. 24 or 80 (default: unknown)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], help="plan for this device (default: cuda unless "
+                                                                "device=cpu)")
+    plan.add_argument("--json", action="store_true", help="machine-readable (peak_gb, fits, every part)")
+    plan.set_defaults(run=_plan)
 
     demo = commands.add_parser("demo", help="ABS on the built-in tiny model with the heuristic judge (CPU, minutes)")
     demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo; replaced if it "

@@ -119,3 +119,54 @@ def test_liger_layer_ops_equal_the_fallbacks(dtype, monkeypatch, rng_seed):
     liger = rotary(q.clone(), k.clone(), cos, sin, "liger")
     for a, b in zip(liger, rotary(q, k, cos, sin), strict=True):
         assert_close_rel(a.float().cpu(), b.float().cpu(), rel, "liger rotary")
+
+
+def test_layer_recompute_keeps_gradients_and_saves_less(rng_seed):
+    """A decoder layer in training keeps neither its norms' outputs nor SwiGLU's output for backward
+    (recomputed from what their own ops keep): the gradients are bit-identical, the saved bytes fewer."""
+    import abs_fast.model.transformer as transformer
+    from abs_fast.model import load_policy
+    from abs_fast.model.attention import Documents, PackedBatch
+    from abs_fast.ops.routing import AdapterRouting
+
+    policy = load_policy("tiny", quantize=None, device="cpu", rank=4, alpha=8, seed=rng_seed % 1000)
+    gen = torch.Generator().manual_seed(rng_seed)
+    with torch.no_grad():
+        for p in policy.adapter_parameters("attacker") + policy.adapter_parameters("defender"):
+            p.normal_(0, 0.1, generator=gen)
+    layer, T = policy.model.model.layers[0], 24
+    x = torch.randn(T, policy.config.hidden_size, generator=gen)
+    routing = AdapterRouting.from_ids(torch.randint(-1, 2, (T,), generator=gen), 2)
+    batch = PackedBatch(Documents.from_lengths([10, 14], "cpu"))
+    positions = torch.cat([torch.arange(10), torch.arange(14)])
+    cos, sin = (t[0] for t in policy.model.rotary(x[None], positions[None]))
+    saved = {True: 0, False: 0}
+    original = transformer._Recompute.pack
+    results = {}
+    for recompute in (False, True):
+        policy.zero_grad(set_to_none=True)
+        xin = x.clone().requires_grad_()
+
+        def count(self, t, _recompute=recompute):
+            packed = original(self, t)
+            if packed is t:
+                saved[_recompute] += t.numel() * t.element_size()
+            return packed
+
+        def outer(t, _recompute=recompute):
+            saved[_recompute] += t.numel() * t.element_size() if not (t.is_leaf and t.requires_grad) else 0
+            return t
+
+        transformer._Recompute.pack = count
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(outer, lambda t: t):
+                out = layer(xin, routing, cos, sin, batch, recompute=recompute)
+        finally:
+            transformer._Recompute.pack = original
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results[recompute] = [xin.grad] + [p.grad for p in policy.adapter_parameters("attacker")
+                                             + policy.adapter_parameters("defender")]
+    pairs = [(a, b) for a, b in zip(results[True], results[False], strict=True) if a is not None or b is not None]
+    assert len(pairs) > 10 and all(torch.equal(a, b) for a, b in pairs)
+    h, inter = policy.config.hidden_size, policy.config.intermediate_size
+    assert saved[False] - saved[True] >= T * (2 * h + inter) * 4 * 0.99

@@ -159,6 +159,41 @@ class Attention(nn.Module):
         return _project(self.o_proj, out.reshape(T, -1), routing)
 
 
+class _Recompute:
+    """Saved-tensor hooks for one decoder layer: a registered tensor (a norm's output, SwiGLU's
+    output) is not kept where a later op saves it for backward (the projections keep their input for
+    the LoRA A gradient); it is recomputed, bit for bit, from what its own op keeps anyway (the norm's
+    input; the gate and up projections). Saves 2 x hidden + intermediate values per token per layer."""
+
+    _MARK = object()
+
+    def __init__(self):
+        # storage address -> (the registered tensor's storage offset, recipe). No reference to the
+        # tensor itself: autograd keeps this object (its unpack hook) until backward. A registered
+        # tensor lives while the hooks are active (the layer's forward holds it), so its address
+        # cannot be reused by another tensor meanwhile.
+        self.recipes: dict[int, tuple[int, object]] = {}
+
+    def register(self, tensor: torch.Tensor, recipe) -> torch.Tensor:
+        self.recipes[tensor.untyped_storage().data_ptr()] = (tensor.storage_offset(), recipe)
+        return tensor
+
+    def pack(self, t: torch.Tensor):
+        entry = self.recipes.get(t.untyped_storage().data_ptr())
+        if entry is None:
+            return t
+        base_offset, recipe = entry
+        return (self._MARK, recipe, t.shape, t.stride(), t.storage_offset() - base_offset)
+
+    def unpack(self, packed):
+        if not (isinstance(packed, tuple) and packed and packed[0] is self._MARK):
+            return packed
+        _, recipe, shape, stride, offset = packed
+        with torch.no_grad():
+            full = recipe()
+        return full.as_strided(shape, stride, full.storage_offset() + offset)
+
+
 class MLP(nn.Module):
     def __init__(self, config: ArchConfig, device=None, dtype=None):
         super().__init__()
@@ -168,8 +203,11 @@ class MLP(nn.Module):
         self.down_proj = MultiLoRALinear(inter, h, bias, device, dtype)
         self.kernels = "torch"  # set by Transformer.select_kernels
 
-    def forward(self, x, routing):
-        hidden = swiglu(_project(self.gate_proj, x, routing), _project(self.up_proj, x, routing), self.kernels)
+    def forward(self, x, routing, recompute: _Recompute | None = None):
+        gate, up = _project(self.gate_proj, x, routing), _project(self.up_proj, x, routing)
+        hidden = swiglu(gate, up, self.kernels)
+        if recompute is not None:
+            recompute.register(hidden, lambda: swiglu(gate, up, self.kernels))
         return _project(self.down_proj, hidden, routing)
 
 
@@ -181,9 +219,23 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
 
-    def forward(self, x, routing, cos, sin, batch):
-        x = x + self.self_attn(self.input_layernorm(x), routing, cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), routing)
+    def forward(self, x, routing, cos, sin, batch, recompute: bool = False):
+        """recompute: drop the norm and SwiGLU outputs from what backward keeps (see _Recompute)."""
+        if not recompute:
+            return self._forward(x, routing, cos, sin, batch, None)
+        keep = _Recompute()
+        with torch.autograd.graph.saved_tensors_hooks(keep.pack, keep.unpack):
+            return self._forward(x, routing, cos, sin, batch, keep)
+
+    def _forward(self, x, routing, cos, sin, batch, keep: _Recompute | None):
+        normed = self._norm(self.input_layernorm, x, keep)
+        x = x + self.self_attn(normed, routing, cos, sin, batch)
+        return x + self.mlp(self._norm(self.post_attention_layernorm, x, keep), routing, keep)
+
+    @staticmethod
+    def _norm(norm: RMSNorm, x: torch.Tensor, keep: _Recompute | None) -> torch.Tensor:
+        normed = norm(x)
+        return normed if keep is None else keep.register(normed, lambda: norm(x))
 
 
 class DecoderModel(nn.Module):
@@ -241,9 +293,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(x[None], position_ids[None])
         cos, sin = cos[0], sin[0]
+        training = torch.is_grad_enabled()
         for layer in self.model.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+            if self.gradient_checkpointing and training:  # the whole layer is recomputed in backward
                 x = checkpoint(layer, x, routing, cos, sin, batch, use_reentrant=False)
             else:
-                x = layer(x, routing, cos, sin, batch)
+                x = layer(x, routing, cos, sin, batch, recompute=training)
         return self.model.norm(x)

@@ -22,6 +22,7 @@ from abs_fast.ops.backend import triton_runs_on
 __all__ = ["LAYER_KERNELS", "layer_kernels", "liger_available", "rms_norm", "rotary", "swiglu"]
 
 LAYER_KERNELS = ("auto", "liger", "torch")
+SWIGLU_CHUNK_ELEMENTS = 1 << 24  # rows per step of the PyTorch SwiGLU backward: its fp32 temporaries
 
 
 @functools.cache
@@ -90,11 +91,16 @@ class _SiLUMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        g, u, d = gate.float(), up.float(), dy.float()
-        sigmoid = torch.sigmoid(g)
-        silu = g * sigmoid
-        dgate = d * u * sigmoid * (1 + g * (1 - sigmoid))
-        return dgate.to(gate.dtype), (d * silu).to(up.dtype)
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        rows = max(1, SWIGLU_CHUNK_ELEMENTS // max(gate.shape[-1], 1))  # fp32 temporaries of a few chunks only
+        g_all, u_all, d_all = (t.reshape(-1, t.shape[-1]) for t in (gate, up, dy))
+        for start in range(0, g_all.shape[0], rows):
+            part = slice(start, start + rows)
+            g, u, d = g_all[part].float(), u_all[part].float(), d_all[part].float()
+            sigmoid = torch.sigmoid(g)
+            dgate.view(-1, g.shape[-1])[part] = d * u * sigmoid * (1 + g * (1 - sigmoid))
+            dup.view(-1, g.shape[-1])[part] = d * g * sigmoid
+        return dgate, dup
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str = "torch") -> torch.Tensor:

@@ -42,8 +42,8 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, v0: int, v1: int, 
     """fp32 logits of one vocabulary chunk (products accumulated in fp32)."""
     w = weight[v0:v1]
     if hidden.dtype == torch.float32:
-        return (hidden @ w.T) * inv_temperature
-    return (hidden.float() @ w.float().T) * inv_temperature
+        return (hidden @ w.T).mul_(inv_temperature)
+    return (hidden.float() @ w.float().T).mul_(inv_temperature)
 
 
 def _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk):
@@ -58,16 +58,17 @@ def _stats_reference(hidden, weight, safe_targets, inv_temperature, chunk):
     for v0 in range(0, V, chunk):
         v1 = min(V, v0 + chunk)
         logits = _chunk_logits(hidden, weight, v0, v1, inv_temperature)
-        m_new = torch.maximum(m, logits.amax(dim=1))
-        rescale = torch.exp(m - m_new)
-        shifted = logits - m_new[:, None]
-        p = torch.exp(shifted)
-        e = rescale * (e + s * torch.where(s > 0, m - m_new, 0.0)) + (p * shifted).sum(dim=1)
-        s = s * rescale + p.sum(dim=1)
-        m = m_new
         inside = (safe_targets >= v0) & (safe_targets < v1)
         picked = logits.gather(1, (safe_targets - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
         tgt = tgt + torch.where(inside, picked, 0.0)
+        m_new = torch.maximum(m, logits.amax(dim=1))
+        rescale = torch.exp(m - m_new)
+        shifted = logits.sub_(m_new[:, None])  # in place: two [tokens, chunk] blocks at once
+        p = torch.exp(shifted)
+        e = rescale * (e + s * torch.where(s > 0, m - m_new, 0.0)) + torch.bmm(p[:, None], shifted[:, :, None]).view(-1)
+        s = s * rescale + p.sum(dim=1)
+        m = m_new
+        del logits, shifted, p
     return m + torch.log(s), tgt, torch.log(s) - e / s
 
 
@@ -128,16 +129,20 @@ def _grad_chunk_triton(hidden, weight, safe_targets, lse, entropy, dlogp, dent, 
 
 
 def _grad_chunk_reference(hidden, weight, safe_targets, lse, entropy, dlogp, dent, v0, v1, inv_temperature):
-    logits = _chunk_logits(hidden, weight, v0, v1, inv_temperature)
-    logp = logits - lse[:, None]
-    p = torch.exp(logp)
-    g = -p * dlogp[:, None]
+    """The chunk's gradient w.r.t. its logits, in place as far as possible: two [tokens, chunk]
+    blocks at once (three with an entropy gradient)."""
+    logp = _chunk_logits(hidden, weight, v0, v1, inv_temperature).sub_(lse[:, None])
+    g = torch.exp(logp)  # p
+    if dent is not None:  # d entropy / d logit = -p * (logp + entropy)
+        logp.add_(entropy[:, None]).mul_(g).mul_(dent[:, None])
+    g.mul_(-dlogp[:, None])
+    if dent is not None:
+        g.sub_(logp)
+    del logp
     inside = (safe_targets >= v0) & (safe_targets < v1)
     rows = inside.nonzero().squeeze(1)
     g[rows, safe_targets[rows] - v0] += dlogp[rows]
-    if dent is not None:
-        g -= dent[:, None] * p * (logp + entropy[:, None])
-    return g * inv_temperature
+    return g.mul_(inv_temperature)
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
@@ -174,6 +179,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
             g = grad_chunk(hidden, weight, safe_targets, lse, entropy, dlogp.contiguous(), dent, v0, v1,
                            ctx.inv_temperature)
             dh = _accumulate(dh, g, weight[v0:v1])
+            del g  # freed before the next chunk's blocks are made
         return dh.to(hidden.dtype), None, None, None, None, None
 
 

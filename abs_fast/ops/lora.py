@@ -22,7 +22,6 @@ from abs_fast.ops.nf4 import (
     native_unsupported_reason,
     nf4_decode_choice,
     nf4_dequantize,
-    nf4_linear_reference,
     nf4_lora_native,
     nf4_path,
 )
@@ -94,6 +93,56 @@ def _check_inputs(x, weight, lora_a, lora_b, routing: AdapterRouting, bias):
 # ---------------------------------------------------------------------------------------------
 
 
+class ReferenceLoRAFunction(torch.autograd.Function):
+    """PyTorch forward and backward of `lora_linear` on 2-D inputs, saving what the Triton path saves:
+    the input in its own dtype and the [T, n*r] shrunk activations (not fp32 copies of the input)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, lora_a, lora_b, token_scale, bias):
+        nf4 = isinstance(weight, NF4Weight)
+        y = F.linear(x2d, weight.dequantize(x2d.dtype) if nf4 else weight, bias)
+        n, r, K = lora_a.shape
+        shrunk = None
+        if n > 0 and r > 0:
+            T, N = x2d.shape[0], y.shape[1]
+            shrunk = F.linear(x2d.to(lora_a.dtype), lora_a.reshape(n * r, K)).view(T, n, r)
+            shrunk = (shrunk * token_scale[:, :, None]).reshape(T, n * r)
+            expand = lora_b.permute(1, 0, 2).reshape(N, n * r)  # [N, n*r], adapter-major columns
+            y = y + F.linear(shrunk, expand.to(shrunk.dtype)).to(y.dtype)
+        ctx.save_for_backward(x2d, None if nf4 else weight, lora_a, lora_b, token_scale, shrunk)
+        ctx.nf4_weight = weight if nf4 else None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_a, lora_b, token_scale, shrunk = ctx.saved_tensors
+        weight = ctx.nf4_weight if ctx.nf4_weight is not None else weight
+        need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
+        n, r, K = lora_a.shape
+        T, N = dy.shape
+        dx = da = db = None
+        if need_x:
+            dense = weight.dequantize(dy.dtype) if isinstance(weight, NF4Weight) else weight
+            dx = dy @ dense
+        if shrunk is None:
+            if need_a:
+                da = torch.zeros_like(lora_a)
+            if need_b:
+                db = torch.zeros_like(lora_b)
+            return dx, None, da, db, None, None
+        dy_lora = dy.to(lora_a.dtype)
+        if need_x or need_a:
+            d_shrunk = (dy_lora @ lora_b.permute(1, 0, 2).reshape(N, n * r)).view(T, n, r) * token_scale[:, :, None]
+            d_shrunk = d_shrunk.reshape(T, n * r)
+            if need_x:
+                dx = dx + (d_shrunk @ lora_a.reshape(n * r, K)).to(dx.dtype)
+            if need_a:
+                da = (d_shrunk.T @ x2d.to(lora_a.dtype)).view(n, r, K)
+        if need_b:
+            db = (dy_lora.T @ shrunk).view(N, n, r).permute(1, 0, 2)
+        return dx, None, da, db, None, None
+
+
 def lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias=None):
     """Plain PyTorch: the base product plus every adapter's LoRA term masked to its own tokens.
 
@@ -104,16 +153,12 @@ def lora_linear_reference(x, weight, lora_a, lora_b, adapter_ids, scaling, bias=
     (x is cast to it, as PEFT does) and is added to the base output in x's dtype.
     """
     routing = _routing(adapter_ids, lora_a.shape[0], x.device)
-    T, N, K, n, r = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
+    T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
     scaling = _as_scaling(scaling, n, x.device)
     x2d = x.reshape(T, K)
-    y = nf4_linear_reference(x2d, weight, bias) if isinstance(weight, NF4Weight) else F.linear(x2d, weight, bias)
-    if n > 0 and r > 0:
-        token_scale = routing.one_hot(lora_a.dtype) * scaling.to(lora_a.dtype)[None, :]  # [T, n]
-        shrunk = F.linear(x2d.to(lora_a.dtype), lora_a.reshape(n * r, K)).view(T, n, r)
-        shrunk = (shrunk * token_scale[:, :, None]).reshape(T, n * r)
-        expand_weight = lora_b.permute(1, 0, 2).reshape(N, n * r)  # [N, n*r], adapter-major columns
-        y = y + F.linear(shrunk, expand_weight.to(shrunk.dtype)).to(y.dtype)
+    token_scale = routing.one_hot(lora_a.dtype) * scaling.to(lora_a.dtype)[None, :] if n > 0 else \
+        x2d.new_zeros(T, 0, dtype=lora_a.dtype)  # [T, n]
+    y = ReferenceLoRAFunction.apply(x2d, weight, lora_a, lora_b, token_scale, bias)
     return y.reshape(*x.shape[:-1], N)
 
 

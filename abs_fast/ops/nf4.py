@@ -1,8 +1,7 @@
 """NF4 dequantisation and the NF4 base product: Triton kernels with a PyTorch reference.
 
-`nf4_dequantize` expands an `NF4Weight` to a dense tensor; `nf4_linear_reference` is the frozen-base
-product y = x @ W^T that dequantises in forward and again in backward, so autograd never holds a
-dense copy of W between the two passes (the reference counterpart of the fused Triton GEMM).
+`nf4_dequantize` expands an `NF4Weight` to a dense tensor (the PyTorch reference of lora_linear
+dequantises in forward and again in backward, so autograd never holds a dense copy of W).
 """
 
 from __future__ import annotations
@@ -11,13 +10,12 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 
 from abs_fast.ops.backend import select_backend
 from abs_fast.quant.nf4 import NF4_CODE, NF4Weight
 
 __all__ = ["NF4_BUFFER_MIN_TOKENS", "NF4_DECODE_MAX_ROWS", "NF4_PATHS", "nf4_decode_choice", "nf4_dequantize",
-           "nf4_linear_reference", "nf4_path"]
+           "nf4_path"]
 
 # How lora_linear's Triton backend multiplies tokens that need gradients (training) or are many
 # (prefill) by an NF4 base:
@@ -115,27 +113,6 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
         return dense
     out.view(-1).copy_(dense.view(-1))
     return out.view(weight.shape)
-
-
-class NF4LinearFunction(torch.autograd.Function):
-    """y = x @ dequantize(W)^T (+ bias); backward dequantises again instead of keeping dense W."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight: NF4Weight, bias):
-        ctx.weight = weight
-        return F.linear(x2d, weight.dequantize(x2d.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ ctx.weight.dequantize(dy.dtype)
-        return dx, None, None
-
-
-def nf4_linear_reference(x2d: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """PyTorch x2d @ W^T (+ bias) for an NF4 W, differentiable in x2d only."""
-    return NF4LinearFunction.apply(x2d, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------

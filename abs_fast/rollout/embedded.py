@@ -111,16 +111,19 @@ class EmbeddedEngine:
     tokenizer: needed for text output and stop strings (any Hugging Face tokenizer).
     poll_every: decode steps between host polls (finished rows leave and new ones join at a poll).
     cuda_graphs: capture the decode step per batch bucket on CUDA (with the Triton decode attention).
+    prefill_tokens: prompt tokens per prefill forward (bounds its activations; a longer prompt goes alone).
     """
 
     def __init__(self, policy, tokenizer=None, max_batch: int = 32, max_seq_len: int = 2048, seed: int = 0,
-                 progress: bool = False, poll_every: int = DEFAULT_POLL_EVERY, cuda_graphs: bool = True):
-        if max_batch < 1 or max_seq_len < 2 or poll_every < 1:
-            raise ValueError(f"need max_batch >= 1, max_seq_len >= 2 and poll_every >= 1, got {max_batch}, "
-                             f"{max_seq_len}, {poll_every}")
+                 progress: bool = False, poll_every: int = DEFAULT_POLL_EVERY, cuda_graphs: bool = True,
+                 prefill_tokens: int = 8192):
+        if max_batch < 1 or max_seq_len < 2 or poll_every < 1 or prefill_tokens < 1:
+            raise ValueError(f"need max_batch >= 1, max_seq_len >= 2, poll_every >= 1 and prefill_tokens >= 1, got "
+                             f"{max_batch}, {max_seq_len}, {poll_every}, {prefill_tokens}")
         self.policy = policy
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len, self.poll_every = max_batch, max_seq_len, poll_every
+        self.prefill_tokens = prefill_tokens
         self.generator = torch.Generator(device=policy.device).manual_seed(seed)
         self.progress = progress
         self.attention = decode_backend(policy.device, policy.config.head_dim)
@@ -200,8 +203,9 @@ class EmbeddedEngine:
             if waiting and len(live) < self.max_batch:
                 start = time.perf_counter()
                 admitted = [waiting.popleft() for _ in range(min(len(waiting), self.max_batch - len(live)))]
-                self._prefill(admitted, first_slot=len(live))
-                live += admitted
+                for group in _by_tokens(admitted, self.prefill_tokens):
+                    self._prefill(group, first_slot=len(live))
+                    live += group
                 self._settings = self._sampling_settings(live)
                 self.stats.prefill_seconds += time.perf_counter() - start
             start = time.perf_counter()
@@ -422,3 +426,16 @@ class EmbeddedEngine:
 def _as_floats(bits: list[int]) -> list[float]:
     """fp32 values sent to the host as their int32 bit patterns (one transfer with the tokens)."""
     return list(struct.unpack(f"{len(bits)}f", struct.pack(f"{len(bits)}i", *bits)))
+
+
+def _by_tokens(rows: list[_Row], budget: int) -> list[list[_Row]]:
+    """Consecutive groups of rows whose prompts sum to at most `budget` tokens (a longer one alone)."""
+    groups: list[list[_Row]] = []
+    used = budget
+    for r in rows:
+        if used + r.prompt_len > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(r)
+        used += r.prompt_len
+    return groups

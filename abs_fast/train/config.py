@@ -94,9 +94,11 @@ class TrainConfig:
     diagnostics_every: int = 10  # attack diversity and attacker/defender KL every N steps (0 = never)
     tensorboard: bool = True
     progress: bool = True
+    check_memory: bool = True  # refuse, before loading anything, a run whose memory plan does not fit the device
 
-    def validate(self) -> TrainConfig:
-        if not self.model:
+    def validate(self, require_model: bool = True) -> TrainConfig:
+        """Check every key; require_model=False for planning a preset before a checkpoint is chosen."""
+        if require_model and not self.model:
             raise ValueError("no model: pass --model LOCAL_DIR (a local Qwen2.5-*-Instruct checkpoint directory)")
         positive = ("lora_rank", "rollout_batch_size", "samples_per_prompt", "attacker_max_new_tokens",
                     "defender_max_new_tokens", "max_prompt_tokens", "engine_max_batch", "judge_max_batch",
@@ -125,7 +127,7 @@ class TrainConfig:
         if self.frozen_defender and self.mode != "attacker-only":
             raise ValueError(f"frozen_defender is for mode=attacker-only (a fresh attacker against a fixed "
                              f"defender), this run's mode is {self.mode!r}")
-        if self.rollout_engine == "sglang" and not self.sglang_url and not Path(self.model).is_dir():
+        if self.rollout_engine == "sglang" and not self.sglang_url and require_model and not Path(self.model).is_dir():
             raise ValueError(f"rollout_engine=sglang launches an SGLang server on model={self.model!r}, which is not a "
                              "local checkpoint directory; pass --model DIR, or sglang_url=URL of a running server")
         if self.sglang_worker_urls and not self.sglang_url:
@@ -151,10 +153,16 @@ TRAIN_PRESETS: dict[str, dict] = {
                  attacker_max_new_tokens=24, defender_max_new_tokens=24, max_prompt_tokens=512, engine_max_batch=16,
                  lr_attacker=1e-3, lr_defender=1e-3, steps=12, checkpoint_every=4, diagnostics_every=4,
                  output="runs/tiny"),
-    "qwen2.5-3b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-3b"),
-    "qwen2.5-7b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-7b"),
-    "qwen2.5-14b": dict(_COMMON_QWEN, model="", token_budget=8192, gradient_checkpointing=True, judge_max_batch=16,
-                        output="runs/qwen2.5-14b"),
+    # Each full-size preset fits its GPU with the WildGuard judge beside it (`abs-fast plan --preset P
+    # --gpu-memory GB --set judge=wildguard judge_model=DIR`; tests/test_plan.py checks every one).
+    "qwen2.5-3b": dict(_COMMON_QWEN, model="", output="runs/qwen2.5-3b"),  # 80 GB
+    "qwen2.5-7b": dict(_COMMON_QWEN, model="", token_budget=8192, output="runs/qwen2.5-7b"),  # 80 GB
+    # 80 GB: the embedded engine's KV cache at 64 rows, recomputed activations
+    "qwen2.5-14b": dict(_COMMON_QWEN, model="", token_budget=8192, engine_max_batch=64, gradient_checkpointing=True,
+                        judge_max_batch=16, output="runs/qwen2.5-14b"),
+    # one H200 (141 GB): 128 engine rows, activations kept (no recomputation)
+    "qwen2.5-14b-h200": dict(_COMMON_QWEN, model="", token_budget=8192, engine_max_batch=128,
+                             output="runs/qwen2.5-14b-h200"),
     # a 7B run on one 24 GB card: NF4 base, small micro-batches, recomputed activations
     "consumer-24gb": dict(_COMMON_QWEN, model="", rollout_batch_size=32, train_batch_size=16, token_budget=4096,
                           engine_max_batch=32, attacker_max_new_tokens=384, defender_max_new_tokens=384,

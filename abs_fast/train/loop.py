@@ -65,6 +65,17 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
+def _available_ram() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -90,6 +101,8 @@ class Trainer:
         self.collective, device = init_distributed(config.device)
         self.rank_device = None if device == "auto" else device
         rank = self.collective.rank
+        if config.check_memory:
+            self._check_memory(device)
         self.adapters = role_adapters(config.mode)
         self.trained_roles = tuple(role for role in ROLES if self.adapters[role] is not None)
         self.trained_adapters = tuple(dict.fromkeys(self.adapters[role] for role in self.trained_roles))
@@ -108,7 +121,8 @@ class Trainer:
         if self.engine is None:
             max_seq_len = config.max_prompt_tokens + config.attacker_max_new_tokens + config.defender_max_new_tokens
             self.engine = EmbeddedEngine(self.policy, self.tokenizer, max_batch=config.engine_max_batch,
-                                         max_seq_len=max_seq_len, seed=config.seed + rank)
+                                         max_seq_len=max_seq_len, seed=config.seed + rank,
+                                         prefill_tokens=config.token_budget)
         # the embedded engine samples from the policy's own weights: its log-probs are the old policy's
         self.reuse_sampler_logprobs = config.reuse_sampler_logprobs and isinstance(self.engine, EmbeddedEngine)
         self.judge = judge if judge is not None else load_judge(config, device=self.rank_device)
@@ -135,6 +149,24 @@ class Trainer:
         self._push_adapters(tuple(dict.fromkeys(a for a in self.adapters.values() if a is not None)))
 
     # --- construction ----------------------------------------------------------------------
+
+    def _check_memory(self, device: str) -> None:
+        """Refuse a run whose memory plan does not fit the device this rank sees, before loading anything."""
+        from abs_fast.train.plan import GIB, plan_memory
+
+        target = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if target.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(target)
+        else:
+            free = _available_ram()
+        if free is None:
+            return
+        plan = plan_memory(self.config, gpu_memory_gb=free / GIB, device=target.type)
+        if not plan.fits:
+            raise ValueError(f"this run needs about {plan.peak / GIB:.1f} GiB in its {plan.peak_phase} phase but "
+                             f"{target} has {free / GIB:.1f} GiB free. " + " ".join(f"Try {tip}." for tip in
+                                                                               plan.advice[:-1])
+                             + " (abs-fast plan shows every part; --set check_memory=false skips this check)")
 
     def _sglang_engine(self):
         config, collective = self.config, self.collective
