@@ -34,8 +34,10 @@ from abs_fast.rollout.sampling import SamplingSettings, sample_next
 
 __all__ = ["DEFAULT_POLL_EVERY", "EmbeddedEngine", "EngineStats"]
 
-# Decode steps between two host polls. 8 measured best of 1/2/4/8/16/32 on the tiny model on CPU
-# (bench/RESULTS.md); on a GPU the choice is unmeasured (scripts/gpu-check.sh measures it).
+# Decode steps between two host polls. On CPU (where a poll costs no device sync) 1..32 measured the
+# same within noise (bench/RESULTS.md); on a GPU a poll stalls the launch queue once, and a row that
+# finished idles until the next poll: 8 bounds that waste to 7 steps of a 256-512-token response.
+# The GPU choice is unmeasured: scripts/gpu-check.sh sweeps poll_every to settle it.
 DEFAULT_POLL_EVERY = 8
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 
