@@ -1,0 +1,701 @@
+"""Every GPU claim of abs-fast, measured in one run: the driver behind scripts/gpu-check.sh.
+
+Stages run most-valuable first, each in its own process with its own time limit, so a run cut short
+still reports what finished. Each figure is appended to OUT/figures.jsonl the moment it is measured;
+after every stage OUT/gpu-check.json and OUT/gpu-check.md are rewritten from what exists.
+
+    environment  abs-fast info, nvidia-smi, measured copy bandwidth and matrix-product rate (the
+                 ceilings every later figure is compared with)
+    gpu_tests    pytest -m gpu, pass/fail per test
+    kernels      lora_linear vs PEFT and vs the base GEMM; NF4 fused vs buffer vs bitsandbytes; NF4
+                 decode bandwidth at 1/16/64/256 rows; token_logprobs vs full logits
+    decode       embedded-engine decode tokens/s (NF4 base, mixed adapters) vs HF generate + PEFT over
+                 bitsandbytes and vs the bytes-per-step roofline
+    selfplay     one self-play step, seconds per phase and peak memory, vs HF + PEFT
+    presets      each preset's peak memory as it would run, vs the planner and the GPU it claims
+
+--smoke runs every stage at tiny shapes on whatever device there is (CPU in CI) in under 3 minutes,
+so the script cannot rot between GPU sessions; its numbers mean nothing.
+
+    python bench/gpu_check.py OUT_DIR [--smoke] [--stages a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    gpu_limit_s: int  # the full run stays inside 8 minutes on an H200 (with the install and build)
+    smoke_limit_s: int
+
+
+STAGES = (Stage("environment", 40, 40), Stage("gpu_tests", 110, 60), Stage("kernels", 80, 40),
+          Stage("decode", 80, 40), Stage("selfplay", 70, 40), Stage("presets", 60, 40))
+FIGURE_FIELDS = ("name", "value", "unit", "compared_with", "shapes", "dtype", "device", "versions", "commit", "stage")
+COMPARED_FIELDS = ("name", "value", "unit", "ratio")
+
+
+# ---------------------------------------------------------------------------------------------
+# Recording (child side)
+# ---------------------------------------------------------------------------------------------
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ABS_FAST_COMMIT", "unknown")
+
+
+class Recorder:
+    """Appends one JSON line per figure to OUT/figures.jsonl, flushed at once (a killed stage keeps them)."""
+
+    def __init__(self, out: Path, stage: str, smoke: bool):
+        import torch
+
+        self.path, self.stage, self.smoke = out / "figures.jsonl", stage, smoke
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.cuda.get_device_name() if self.cuda else f"cpu ({platform.processor() or 'x86_64'})"
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        self.versions = {"torch": torch.__version__, "triton": triton_version}
+        self.commit = os.environ.get("ABS_FAST_COMMIT") or _commit()
+        self.references = _read_json(out / "references.json") or {}
+
+    def figure(self, name: str, value: float | None, unit: str, compared_name: str, compared_value: float | None,
+               compared_unit: str | None = None, ratio: float | None = None, shapes: str = "", dtype: str = "",
+               **extra) -> dict:
+        """ratio: value / compared_value unless given (None when either is missing)."""
+        if ratio is None and value is not None and compared_value:
+            ratio = value / compared_value
+        record = {"name": name, "value": _rounded(value), "unit": unit,
+                  "compared_with": {"name": compared_name, "value": _rounded(compared_value),
+                                    "unit": compared_unit or unit, "ratio": _rounded(ratio)},
+                  "shapes": shapes, "dtype": dtype, "device": self.device, "versions": self.versions,
+                  "commit": self.commit, "stage": self.stage, **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"  {name}: {value if value is None else f'{value:.4g}'} {unit}"
+              + ("" if ratio is None else f"  ({ratio:.3g}x {compared_name})"), flush=True)
+        return record
+
+    def reference(self, key: str, value: float) -> None:
+        self.references[key] = value
+        (self.path.parent / "references.json").write_text(json.dumps(self.references, indent=1))
+
+
+def _rounded(x):
+    return None if x is None or not math.isfinite(x) else float(f"{x:.5g}")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def median_seconds(fn, smoke: bool, rep_ms: int = 100) -> float:
+    """Median seconds of fn(): CUDA events through triton.testing.do_bench on a GPU (warmed up), a
+    host clock around a few calls on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median") / 1e3
+    fn()
+    times = []
+    for _ in range(2 if smoke else 5):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _wall(fn) -> float:
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def _peak(fn) -> tuple[float, int | None]:
+    """(seconds, peak CUDA bytes allocated during fn; None on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return _wall(fn), None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = _wall(fn)
+    return seconds, torch.cuda.max_memory_allocated()
+
+
+def _bench_modules():
+    """The benchmark modules (their problems and baselines are the ones gpu-check measures)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import test_bench_lora_linear
+    import test_bench_nf4
+    import test_bench_rollout
+    import test_bench_selfplay
+
+    return test_bench_lora_linear, test_bench_nf4, test_bench_rollout, test_bench_selfplay
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages (each runs in its own process: python gpu_check.py --run-stage NAME OUT)
+# ---------------------------------------------------------------------------------------------
+
+DATASHEET = {"H200": (4800.0, 989.0), "H100": (3350.0, 989.0), "A100": (2039.0, 312.0)}  # GB/s, dense bf16 TFLOP/s
+
+
+def _copy_gbs(device: str, numel: int, smoke: bool) -> tuple[float, int]:
+    import torch
+
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.nbytes / median_seconds(lambda: dst.copy_(src), smoke) / 1e9, src.nbytes
+
+
+def _gemm_tflops(device: str, n: int, dtype, smoke: bool) -> float:
+    import torch
+
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / median_seconds(lambda: a @ b, smoke) / 1e12
+
+
+def stage_environment(rec: Recorder, out: Path) -> None:
+    import torch
+
+    info = subprocess.run([sys.executable, "-m", "abs_fast.cli", "info", "--json"], capture_output=True, text=True,
+                          timeout=60)
+    (out / "abs-fast-info.json").write_text(info.stdout or info.stderr)
+    if info.returncode != 0:
+        raise RuntimeError(f"abs-fast info --json failed: {info.stderr[-2000:]}")
+    try:
+        smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        smi = f"nvidia-smi not available: {err}"
+    (out / "nvidia-smi.txt").write_text(smi)
+    sheet = next((v for k, v in DATASHEET.items() if rec.cuda and k in rec.device), (None, None))
+    device = "cuda" if rec.cuda else "cpu"
+    full = rec.cuda and not rec.smoke
+    copy_gbs, nbytes = _copy_gbs(device, 2**29 if full else 2**24, rec.smoke)  # 2 GiB / 64 MiB of fp32
+    rec.reference("copy_gbs", copy_gbs)
+    rec.figure("copy bandwidth (read + write)", copy_gbs, "GB/s", "datasheet memory bandwidth" if sheet[0] else
+               "none (this is the measured ceiling)", sheet[0], shapes=f"{nbytes / 2**30:.2f} GiB", dtype="fp32")
+    n, dtype = (8192, torch.bfloat16) if full else (512, torch.bfloat16 if rec.cuda else torch.float32)
+    tflops = _gemm_tflops(device, n, dtype, rec.smoke)
+    rec.reference("gemm_tflops", tflops)
+    rec.figure("matrix product rate", tflops, "TFLOP/s", "datasheet dense bf16 rate" if sheet[1] else
+               "none (this is the measured ceiling)", sheet[1], shapes=f"{n}x{n}x{n}", dtype=str(dtype))
+
+
+def stage_gpu_tests(rec: Recorder, out: Path) -> None:
+    """pytest -m gpu; -v lines are parsed as they come, so a stage cut short keeps the verdicts so far."""
+    log = out / "gpu-tests.log"
+    command = [sys.executable, "-m", "pytest", str(REPO / "tests"), "-m", "gpu", "-v", "-p", "no:cacheprovider",
+               "--no-header", "-rN", "--rootdir", str(REPO)]
+    with open(log, "w") as f:
+        proc = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=out, timeout=None)
+    verdicts = parse_pytest_verdicts(log.read_text())
+    (out / "gpu-tests.json").write_text(json.dumps(verdicts, indent=1))
+    counts = {k: sum(1 for v in verdicts.values() if v == k) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    ran = counts["PASSED"] + counts["FAILED"] + counts["ERROR"]
+    rec.figure("gpu tests passed", counts["PASSED"], "tests", "gpu tests run (passed + failed + errors)", ran,
+               shapes="", failed=sorted(k for k, v in verdicts.items() if v in ("FAILED", "ERROR")),
+               skipped=counts["SKIPPED"], pytest_exit=proc.returncode)
+    if proc.returncode not in (0, 5) and not rec.smoke:
+        raise RuntimeError(f"pytest -m gpu exited {proc.returncode}: see gpu-tests.log")
+
+
+def parse_pytest_verdicts(text: str) -> dict[str, str]:
+    verdicts = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)
+        if m:
+            verdicts[m.group(1)] = m.group(2)
+    return verdicts
+
+
+def _lora_case(rec: Recorder, lora_bench, shape: str, out_f: int, in_f: int) -> None:
+    """lora_linear forward + backward: fused vs PEFT (two adapters, two passes) and vs the base GEMM."""
+    problem = lora_bench.Problem(out_f, in_f)
+    peft_problem = lora_bench.PeftProblem(problem)
+    times = {}
+    for variant, fn in (("fused", problem.fused), ("peft", peft_problem.run), ("base_only", problem.base_only)):
+        def step(fn=fn):
+            problem.clear_grads()
+            fn()
+        times[variant] = median_seconds(step, rec.smoke)
+    where = f"[{lora_bench.TOKENS}, {in_f}] x [{out_f}, {in_f}], 2 adapters r={lora_bench.RANK}"
+    dtype = str(lora_bench.DTYPE)
+    rec.figure(f"lora_linear fwd+bwd {shape}", times["fused"] * 1e3, "ms", "PEFT LoRA, one pass per adapter",
+               times["peft"] * 1e3, shapes=where, dtype=dtype)
+    rec.figure(f"lora_linear fwd+bwd {shape} over the base GEMM", times["fused"] * 1e3, "ms",
+               "base GEMM forward + input gradient alone", times["base_only"] * 1e3, shapes=where, dtype=dtype)
+
+
+def _nf4_gemm_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, tokens: int) -> None:
+    """NF4 base forward GEMM: decode-in-K-loop vs dequantise-to-buffer (the rule's two paths) vs bitsandbytes."""
+    import bitsandbytes as bnb
+    import torch
+
+    from abs_fast.ops import lora_linear
+
+    problem = nf4_bench.NF4Problem(out_f, in_f, tokens)
+    x = problem.x.detach()
+    no_adapters = (torch.empty(0, 16, in_f, device=x.device), torch.empty(0, out_f, 16, device=x.device),
+                   torch.full((tokens,), -1, device=x.device, dtype=torch.int32), torch.empty(0, device=x.device))
+    packed, state = problem.weight.to_bnb()
+    packed_t = packed.t()
+    times = {"bitsandbytes": median_seconds(lambda: bnb.matmul_4bit(x, packed_t, quant_state=state), rec.smoke)}
+    paths = ("fused", "buffer") if rec.cuda else ("buffer",)  # the fused path is a Triton kernel
+    backend = "triton" if rec.cuda else "reference"
+    for path in paths:
+        os.environ["ABS_FAST_NF4_PATH"] = path
+        with torch.no_grad():
+            times[path] = median_seconds(lambda: lora_linear(x, problem.weight, *no_adapters, backend=backend),
+                                         rec.smoke)
+    os.environ.pop("ABS_FAST_NF4_PATH", None)
+    for path in paths:
+        rec.figure(f"nf4 gemm fwd {shape} {path}", times[path] * 1e3, "ms", "bitsandbytes matmul_4bit",
+                   times["bitsandbytes"] * 1e3, shapes=f"[{tokens}, {in_f}] x NF4 [{out_f}, {in_f}]",
+                   dtype="bf16 activations")
+
+
+def _nf4_decode_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, rows: int) -> None:
+    """Bytes of the packed NF4 weight per second at `rows` rows, as a fraction of the copy bandwidth."""
+    import torch
+
+    from abs_fast import native
+    from abs_fast.ops import lora_linear
+    from abs_fast.ops.nf4 import nf4_lora_native
+
+    problem = nf4_bench.NF4Problem(out_f, in_f, rows)
+    args = (problem.x.detach(), problem.weight, problem.lora_a.detach(), problem.lora_b.detach(),
+            problem.adapter_ids, problem.scaling)
+    variants = {}
+    if rec.cuda:
+        variants["triton"] = lambda: lora_linear(*args, backend="triton")
+    if (native.cuda_library() if rec.cuda else native.cpu_library()) is not None and rows <= native.MAX_ROWS:
+        variants["native"] = lambda: nf4_lora_native(*args)
+    if not variants:
+        variants["reference"] = lambda: lora_linear(*args, backend="reference")
+    for variant, fn in variants.items():
+        with torch.no_grad():
+            seconds = median_seconds(fn, rec.smoke)
+        rec.figure(f"nf4 decode {shape} rows {rows} {variant}", problem.weight.nbytes() / seconds / 1e9, "GB/s",
+                   "measured copy bandwidth", rec.references.get("copy_gbs"),
+                   shapes=f"[{rows}, {in_f}] x NF4 [{out_f}, {in_f}]",
+                   dtype="bf16 activations" if rec.cuda else "fp32 activations")
+
+
+def _logprobs_case(rec: Recorder, rollout_bench, T: int, K: int, V: int) -> None:
+    """token_logprobs forward + backward vs full logits + log_softmax: time, and peak memory on a GPU."""
+    import torch
+
+    dtype = torch.bfloat16 if rec.cuda else torch.float32
+    results = {}
+    for variant in ("fused", "full_logits"):
+        fn = rollout_bench._logprob_fn(variant, *rollout_bench._logprob_problem(T, K, V, dtype))
+        _, peak = _peak(fn)
+        results[variant] = (median_seconds(fn, rec.smoke), peak)
+    where = f"T={T} hidden={K} vocab={V}"
+    rec.figure("token_logprobs fwd+bwd", results["fused"][0] * 1e3, "ms", "full logits + log_softmax",
+               results["full_logits"][0] * 1e3, shapes=where, dtype=str(dtype))
+    if rec.cuda:
+        rec.figure("token_logprobs fwd+bwd peak memory", results["fused"][1] / 2**30, "GiB",
+                   "full logits + log_softmax peak memory", results["full_logits"][1] / 2**30, shapes=where,
+                   dtype=str(dtype))
+
+
+def stage_kernels(rec: Recorder, out: Path) -> None:
+    from abs_fast.model import linear_shapes
+
+    lora_bench, nf4_bench, rollout_bench, _ = _bench_modules()
+    full = rec.cuda and not rec.smoke
+    if full:  # Qwen2.5-7B and 14B layer shapes, named like 7b-q_proj
+        shapes = {f"{p.split('-')[1]}-{k}": v for p in ("qwen2.5-7b", "qwen2.5-14b")
+                  for k, v in linear_shapes(p).items()}
+    else:
+        shapes = dict(list(lora_bench.SHAPES.items())[:2])
+    for shape, (out_f, in_f) in shapes.items():
+        _lora_case(rec, lora_bench, shape, out_f, in_f)
+    nf4_shapes = {k: v for k, v in shapes.items() if k.endswith(("q_proj", "gate_proj", "down_proj"))} if full \
+        else {"cpu-512x1024": (512, 1024)}
+    for shape, (out_f, in_f) in nf4_shapes.items():
+        _nf4_gemm_case(rec, nf4_bench, shape, out_f, in_f, tokens=8192 if full else 256)
+    decode_shapes = {k: v for k, v in shapes.items() if k.endswith(("gate_proj", "down_proj"))} if full \
+        else {"cpu-1024x1024": (1024, 1024)}
+    for shape, (out_f, in_f) in decode_shapes.items():
+        for rows in (1, 16, 64, 256):
+            _nf4_decode_case(rec, nf4_bench, shape, out_f, in_f, rows)
+    _logprobs_case(rec, rollout_bench, *((8192, 3584, 152064) if full else (256, 128, 8192)))
+
+
+def _decode_bytes_per_step(policy, rows: int, context: int) -> int:
+    """The fewest bytes one decode step must read: every weight except the embedding table (only
+    `rows` of its rows), plus each row's K and V for `context` positions in every layer."""
+    model = policy.model
+    embed = model.model.embed_tokens.weight
+    total = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    total -= embed.nbytes - rows * embed.shape[1] * embed.element_size()
+    arch = policy.config
+    kv = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * embed.element_size()
+    return total + rows * context * kv
+
+
+def _engine_decode_rate(rec: Recorder, rollout_bench, policy, rows: int, prompt: int, short: int, long: int):
+    """Decode tokens/s of the embedded engine: (time of `long` new tokens - time of `short`) over the
+    tokens between, so prefill cancels; both adapters mixed in one batch."""
+    import torch
+
+    from abs_fast.rollout import EmbeddedEngine
+
+    engine = EmbeddedEngine(policy, max_batch=rows, max_seq_len=prompt + long)
+    prompts = rollout_bench._prompts(rows, prompt)
+
+    def run(new_tokens):
+        requests = rollout_bench._greedy_half_and_half(prompts, new_tokens)
+        with torch.no_grad():
+            return _wall(lambda: engine.generate(requests))
+
+    run(short)  # warm-up: compilation, CUDA graph capture
+    return rows * (long - short) / (min(run(long) for _ in range(2)) - min(run(short) for _ in range(2)))
+
+
+def _hf_decode_rate(rec: Recorder, rollout_bench, nf4_bench, preset: str, rows: int, prompt: int, short: int,
+                    long: int) -> float:
+    """The same with HF generate + PEFT (over bitsandbytes NF4 on a GPU), one adapter after the other."""
+    import peft
+    import torch
+
+    if rec.cuda and not rec.smoke:
+        model = nf4_bench.hf_bnb_nf4_model(preset)
+    else:
+        from abs_fast.model import build_model
+
+        model = build_model(preset, device="cuda" if rec.cuda else "cpu", dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = lambda: peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets)
+    model = peft.get_peft_model(model, config(), adapter_name="attacker")
+    model.add_adapter("defender", config())
+    model.eval()
+    prompts = rollout_bench._prompts(rows, prompt).to("cuda" if rec.cuda else "cpu")
+    half = rows // 2
+
+    def run(new_tokens):
+        def fn():
+            for name, ids in (("attacker", prompts[:half]), ("defender", prompts[half:])):
+                model.set_adapter(name)
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)
+        with torch.no_grad():
+            return _wall(fn)
+
+    run(short)
+    return rows * (long - short) / (run(long) - run(short))
+
+
+def stage_decode(rec: Recorder, out: Path) -> None:
+    """Batch 64 against the roofline and against HF first (most valuable), then batch 256."""
+    from abs_fast.model import load_policy
+
+    _, nf4_bench, rollout_bench, _ = _bench_modules()
+    full = rec.cuda and not rec.smoke
+    preset = "qwen2.5-7b" if full else "tiny"
+    # (rows, prompt tokens): decode at 1-2k context for batch 64, 0.5k for batch 256 (prefill time)
+    cases = [(64, 1024), (256, 512)] if full else [(8, 32), (16, 16)]
+    short, long = (16, 80) if full else (2, 6)
+    policy = load_policy(preset, quantize="nf4", device="cuda" if rec.cuda else "cpu")
+    dtype = str(next(policy.model.parameters()).dtype)
+    copy_gbs = rec.references.get("copy_gbs")
+    for i, (rows, prompt) in enumerate(cases):
+        rate = _engine_decode_rate(rec, rollout_bench, policy, rows, prompt, short, long)
+        step_bytes = _decode_bytes_per_step(policy, rows, prompt + (short + long) // 2)
+        roofline = rows / (step_bytes / (copy_gbs * 1e9)) if copy_gbs else None
+        where = f"{preset} NF4, {rows} rows (half attacker, half defender), prompt {prompt}, tokens {short}..{long}"
+        rec.figure(f"engine decode {preset} batch {rows}", rate, "tokens/s",
+                   "bytes-per-step roofline at the measured copy bandwidth", roofline, shapes=where, dtype=dtype,
+                   bytes_per_step=step_bytes)
+        if i == 0:
+            hf_rate = _hf_decode_rate(rec, rollout_bench, nf4_bench, preset, rows, prompt, short, long)
+            rec.figure(f"engine decode {preset} batch {rows} vs HF", rate, "tokens/s",
+                       "HF generate + PEFT" + (" over bitsandbytes NF4" if full else " (dense)"), hf_rate,
+                       shapes=where, dtype=dtype)
+
+
+def stage_selfplay(rec: Recorder, out: Path) -> None:
+    import torch
+
+    from abs_fast.model import load_policy, load_qwen25_tokenizer
+
+    _, nf4_bench, _, selfplay = _bench_modules()
+    cuda, smoke = rec.cuda, rec.smoke
+    preset = "qwen2.5-7b" if cuda and not smoke else "tiny"
+    games, prompt_len, new_tokens = (64, 256, 128) if cuda and not smoke else (4, 16, 4)
+    work = selfplay._Workload(games, prompt_len, new_tokens)
+    tokenizer = load_qwen25_tokenizer()
+    device = "cuda" if cuda else "cpu"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = load_policy(preset, quantize="nf4", device=device)
+        policy.gradient_checkpointing(True)
+        step = selfplay._abs_fast_step(policy, tokenizer, work, token_budget=16384)
+        step({})  # warm-up
+        phases: dict[str, float] = {}
+        seconds, peak = _peak(lambda: step(phases))
+        results["abs_fast"] = (seconds, peak, phases)
+        policy.save_adapters(Path(tmp))
+        step = policy = None  # free the policy before the baseline loads its own
+        if cuda:
+            torch.cuda.empty_cache()
+        if cuda and not smoke:
+            base = nf4_bench.hf_bnb_nf4_model(preset)
+        else:
+            from abs_fast.model import build_model
+
+            base = build_model(preset, device=device, dtype=torch.float32)
+        base.gradient_checkpointing_enable()
+        hf_step = selfplay._hf_peft_step(selfplay._peft_model(base, Path(tmp)), tokenizer, work, device)
+        hf_step({})
+        phases = {}
+        seconds, peak = _peak(lambda: hf_step(phases))
+        results["hf_peft"] = (seconds, peak, phases)
+    where = f"{preset} NF4, {games} games, prompt {prompt_len}, {new_tokens} new tokens, heuristic judge"
+    dtype = "bf16" if cuda else "fp32"
+    ours, theirs = results["abs_fast"], results["hf_peft"]
+    rec.figure(f"self-play step {preset}", ours[0], "s", "HF generate + PEFT step", theirs[0], shapes=where,
+               dtype=dtype)
+    for phase in selfplay.PHASES:
+        rec.figure(f"self-play step {preset} phase {phase}", ours[2].get(phase, 0.0), "s",
+                   f"HF + PEFT phase {phase}", theirs[2].get(phase, 0.0), shapes=where, dtype=dtype)
+    if cuda:
+        rec.figure(f"self-play step {preset} peak memory", ours[1] / 2**30, "GiB", "HF + PEFT peak memory",
+                   theirs[1] / 2**30, shapes=where, dtype=dtype)
+
+
+# The presets as the README says they run: (preset, built-in model shape, the GPU memory it claims)
+PRESET_RUNS = (("consumer-24gb", "qwen2.5-7b", 24), ("qwen2.5-14b", "qwen2.5-14b", 80),
+               ("qwen2.5-7b", "qwen2.5-7b", 80), ("qwen2.5-14b-h200", "qwen2.5-14b", 141))
+
+
+def stage_presets(rec: Recorder, out: Path) -> None:
+    """Each preset's policy, optimizer and engine built as `train` builds them, the rollout batch
+    prefilled at its longest prompts, then one update over samples of the preset's longest lengths
+    (enough of them that micro-batches reach the token budget), under a cap of the GPU memory the
+    preset claims. The peak is compared with the planner's."""
+    import torch
+
+    from abs_fast.train import Sample, Trainer, apply_overrides, preset_config
+    from abs_fast.train.memory import LiveTensorBytes, resident_bytes
+    from abs_fast.train.plan import plan_memory
+
+    cuda, smoke = rec.cuda, rec.smoke
+    runs = PRESET_RUNS if cuda and not smoke else (("tiny", "tiny", None),)
+    for preset, shape, gpu_gb in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            overrides = [f"model={shape}", "tokenizer=qwen2.5", "judge=heuristic", f"output={tmp}/run", "steps=1",
+                         "progress=false", "tensorboard=false", f"device={'cuda' if cuda else 'cpu'}",
+                         "check_memory=false"]
+            config = apply_overrides(preset_config(preset), overrides)
+            plan = plan_memory(config, preset=preset, gpu_memory_gb=gpu_gb)
+            if cuda:
+                torch.cuda.empty_cache()
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_gb * 2**30 / total))
+                torch.cuda.reset_peak_memory_stats()
+            tracker = contextlib.nullcontext() if cuda else LiveTensorBytes()
+            trainer = Trainer(config)
+            gen = torch.Generator().manual_seed(0)
+            prompt = config.max_prompt_tokens
+            lengths = {"attacker": (prompt, config.attacker_max_new_tokens),
+                       "defender": (prompt, config.defender_max_new_tokens)}
+            samples = [Sample(role, trainer.adapters[role], torch.randint(0, 20000, (p,), generator=gen).tolist(),
+                              torch.randint(0, 20000, (r,), generator=gen).tolist(), float(i % 3 - 1), group=i // 4,
+                              logprobs=[-1.0] * r)
+                       for role, (p, r) in lengths.items() if trainer.adapters[role] is not None
+                       for i in range(min(config.train_batch_size, config.token_budget // (p + r) + 2))]
+            from abs_fast.rollout import RolloutRequest, SamplingParams
+
+            params = SamplingParams(temperature=1.0, max_new_tokens=2, ignore_eos=True)
+            requests = [RolloutRequest(s.prompt_ids, s.adapter, params) for s in samples[: config.engine_max_batch]]
+            with torch.no_grad():  # the first generate allocates the KV cache: resident from then on
+                trainer.engine.generate(requests[:1])
+            resident = resident_bytes(trainer.policy, trainer.optimizer, trainer.engine.cache.k, trainer.engine.cache.v)
+            with tracker:
+                with torch.no_grad():
+                    trainer.engine.generate(requests)
+                trainer._update(samples)  # as a step runs it: the config's settings, the trainer's optimizer
+                _sync()
+            measured = torch.cuda.max_memory_allocated() if cuda else resident + tracker.peak
+            where = (f"{preset} ({shape}, random NF4 weights), {len(samples)} samples of {prompt}+"
+                     f"{config.attacker_max_new_tokens}/{config.defender_max_new_tokens} tokens, "
+                     f"token_budget {config.token_budget}, engine {config.engine_max_batch} rows")
+            rec.figure(f"preset {preset} peak memory", measured / 2**30, "GiB", "the planner's peak", plan.peak / 2**30,
+                       shapes=where, dtype="bf16" if cuda else "fp32", gpu_memory_gb=gpu_gb,
+                       fits=None if gpu_gb is None else measured <= gpu_gb * 2**30)
+            del trainer, samples
+            if cuda:
+                torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+STAGE_FUNCTIONS = {"environment": stage_environment, "gpu_tests": stage_gpu_tests, "kernels": stage_kernels,
+                   "decode": stage_decode, "selfplay": stage_selfplay, "presets": stage_presets}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run (parent side): stages in child processes, the report rewritten after each
+# ---------------------------------------------------------------------------------------------
+
+def read_figures(out: Path) -> list[dict]:
+    figures = []
+    path = out / "figures.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line cut by a kill
+                figures.append(json.loads(line))
+    return figures
+
+
+def write_report(out: Path, meta: dict, stages: list[dict]) -> None:
+    figures = read_figures(out)
+    report = {**meta, "stages": stages, "figures": figures}
+    tmp = out / "gpu-check.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / "gpu-check.json")
+    (out / "gpu-check.md").write_text(markdown(report))
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"### gpu-check {'smoke ' if report['smoke'] else ''}{report['date']}", "",
+             f"device: {report['device']}; commit {report['commit']}; torch {report['versions']['torch']}, "
+             f"triton {report['versions']['triton']}; command: `{report['command']}`", "",
+             "| stage | status | seconds | note |", "|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s.get('note', '')} |" for s in report["stages"]]
+    lines += ["", "| figure | value | unit | compared with | its value | ratio | shapes | dtype |",
+              "|---|---|---|---|---|---|---|---|"]
+    for f in report["figures"]:
+        c = f["compared_with"]
+        lines.append(f"| {f['name']} | {_fmt(f['value'])} | {f['unit']} | {c['name']} | {_fmt(c['value'])} | "
+                     f"{_fmt(c['ratio'])} | {f['shapes']} | {f['dtype']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(out: Path, smoke: bool, names: list[str], command: str) -> int:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("figures.jsonl", "references.json"):
+        (out / stale).unlink(missing_ok=True)
+    meta = {"smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "commit": os.environ.get("ABS_FAST_COMMIT") or _commit(),
+            "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                         "triton": _version("triton"), "bitsandbytes": _version("bitsandbytes"),
+                         "liger-kernel": _version("liger-kernel"), "peft": _version("peft"),
+                         "transformers": _version("transformers")},
+            "native": os.environ.get("ABS_FAST_NATIVE_NOTE", "")}
+    stages: list[dict] = []
+    failed = 0
+    for stage in STAGES:
+        if stage.name not in names:
+            stages.append({"name": stage.name, "status": "not requested", "seconds": 0.0})
+            continue
+        limit = stage.smoke_limit_s if smoke else stage.gpu_limit_s
+        print(f"== stage {stage.name} (limit {limit} s)", flush=True)
+        argv = [sys.executable, str(Path(__file__).resolve()), "--run-stage", stage.name, str(out)]
+        if smoke:
+            argv.append("--smoke")
+        start = time.perf_counter()
+        entry = {"name": stage.name, "limit_s": limit}
+        try:
+            proc = subprocess.run(argv, timeout=limit, cwd=out)
+            entry["status"] = "ok" if proc.returncode == 0 else "failed"
+            if proc.returncode:
+                entry["note"] = f"exit {proc.returncode}: see the stage's output"
+        except subprocess.TimeoutExpired:
+            entry["status"], entry["note"] = "timeout", f"cut at {limit} s; figures measured before are kept"
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        failed += entry["status"] != "ok"
+        stages.append(entry)
+        write_report(out, meta, stages)
+    write_report(out, meta, stages)
+    print((out / "gpu-check.md").read_text())
+    return 1 if failed else 0
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device: checks that it runs")
+    parser.add_argument("--stages", default=",".join(s.name for s in STAGES))
+    parser.add_argument("--run-stage", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.run_stage:
+        import torch
+
+        if args.smoke:
+            torch.manual_seed(0)
+        rec = Recorder(args.out, args.run_stage, args.smoke)
+        STAGE_FUNCTIONS[args.run_stage](rec, args.out)
+        return 0
+    names = [n for n in args.stages.split(",") if n]
+    unknown = sorted(set(names) - set(STAGE_FUNCTIONS))
+    if unknown:
+        parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGE_FUNCTIONS)}")
+    return run(args.out.resolve(), args.smoke, names, " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
