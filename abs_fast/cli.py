@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,10 +29,12 @@ def _train_config(args: argparse.Namespace):
     from abs_fast.train import apply_overrides, config_from_file, preset_config
 
     if getattr(args, "resume", False) and args.preset is None and args.config is None:
-        saved = Path(args.output or "") / "config.json"
-        if not args.output or not saved.is_file():
-            raise SystemExit("abs-fast train --resume needs --output RUN_DIR (holding config.json), or the original "
-                             "--preset / --config")
+        if not args.output:
+            raise ValueError("train --resume needs --output RUN_DIR (the run to continue)")
+        saved = Path(args.output) / "config.json"
+        if not saved.is_file():
+            raise FileNotFoundError(f"{saved}: missing, so {args.output} is not a run to resume (give the original "
+                                    "--preset / --config to start one there)")
         config = config_from_file(saved)
     elif args.config is not None:
         config = config_from_file(args.config)
@@ -47,79 +50,52 @@ def _train_config(args: argparse.Namespace):
 def _plan(args: argparse.Namespace) -> int:
     from abs_fast.train.plan import parse_gib, plan_memory
 
-    try:
+    def run():
         config = _train_config(args).validate(require_model=False)
         gib = parse_gib(args.gpu_memory) if args.gpu_memory is not None else None
         plan = plan_memory(config, preset=args.preset, gpu_memory_gb=gib, device=args.device)
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        return _user_error("plan", err)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
-    return 0
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+
+    return _guarded("plan", run)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from abs_fast.train import Trainer, plot_metrics, read_metrics, summary_table
+    def run():
+        from abs_fast.train import Trainer
 
-    try:
-        config = _train_config(args)
-        trainer = Trainer(config, resume=args.resume)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"abs-fast train: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
-        return 2
-    except _sglang_errors() as err:
-        print(f"abs-fast train: {err}", file=sys.stderr)
-        return 1
-    try:
-        trainer.train()
-    except _sglang_errors() as err:
-        print(f"abs-fast train: {err}\nThe run continues from its last checkpoint with: abs-fast train --output "
-              f"{trainer.run_dir} --resume", file=sys.stderr)
-        return 1
-    finally:
-        trainer.close()
-    if not trainer.collective.is_main:  # data parallel: rank 0 reports
-        return 0
-    records = read_metrics(trainer.run_dir / "metrics.jsonl")
-    plot = plot_metrics(records, trainer.run_dir / "rewards.png") if records else None
+        trainer = Trainer(_train_config(args), resume=args.resume)
+        try:
+            trainer.train()
+        except _sglang_errors() as err:
+            raise type(err)(f"{err}\nThe run continues from its last checkpoint with: abs-fast train --output "
+                            f"{trainer.run_dir} --resume") from None
+        finally:
+            trainer.close()
+        if trainer.collective.is_main:  # data parallel: rank 0 reports
+            _print_summary(trainer.run_dir)
+
+    return _guarded("train", run)
+
+
+def _print_summary(run_dir: Path) -> None:
+    from abs_fast.train import plot_metrics, read_metrics, summary_table
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    plot = plot_metrics(records, run_dir / "rewards.png") if records else None
     print(summary_table(records))
-    print(f"\nrun directory: {trainer.run_dir}" + (f" (plot: {plot.name})" if plot else ""))
-    return 0
+    print(f"\nrun directory: {run_dir}" + (f" (plot: {plot.name})" if plot else ""))
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import time
+    def run():
+        from abs_fast.train.demo import run_demo
 
-    from abs_fast.train import Trainer, apply_overrides, plot_metrics, preset_config, read_metrics, summary_table
+        run_demo(Path(args.output), args.steps, seed=args.seed, progress=not args.quiet)
 
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        if not (output / "config.json").is_file():
-            print(f"abs-fast demo: {output} exists and is not an abs-fast run; choose another --output",
-                  file=sys.stderr)
-            return 2
-        import shutil
-
-        print(f"replacing the previous demo run in {output}", file=sys.stderr)
-        shutil.rmtree(output)
-    config = apply_overrides(preset_config("tiny"), {"output": str(output), "steps": args.steps, "judge": "heuristic",
-                                                     "device": "cpu"})
-    print("abs-fast demo: ABS self-play (attacker + defender adapters) on the tiny random-weight model, CPU, with "
-          "the HEURISTIC judge (keyword matching, not a safety judge). It shows the machinery, not safety results.",
-          file=sys.stderr)
-    start = time.perf_counter()
-    trainer = Trainer(config)
-    trainer.train(progress=not args.quiet)
-    records = read_metrics(output / "metrics.jsonl")
-    plot = plot_metrics(records, output / "rewards.png")
-    print(summary_table(records))
-    print(f"\n{len(records)} steps in {time.perf_counter() - start:.0f} s. Wrote {output}/attacker/ and "
-          f"{output}/defender/ (PEFT adapters), metrics.jsonl, {plot.name}, tensorboard/, checkpoints/.")
-    print(f"Next: abs-fast eval --policy {output} --suite xstest=PATH.csv --max-new-tokens 32, then "
-          f"abs-fast report {output} (see the README's evaluation section).")
-    return 0
+    return _guarded("demo", run)
 
 
-_USER_ERRORS = (KeyError, ValueError, FileNotFoundError, FileExistsError)
+_USER_ERRORS = (KeyError, ValueError, OSError, UnicodeDecodeError)
 
 
 def _sglang_errors() -> tuple[type[Exception], ...]:
@@ -128,10 +104,45 @@ def _sglang_errors() -> tuple[type[Exception], ...]:
     return SGLangServerError, SGLangRequestError
 
 
+def _is_user_error(err: BaseException) -> bool:
+    """Bad input or a bad environment, which the user can fix: exit 2 with a message. An OSError counts
+    only when it names a file (an internal one keeps its traceback)."""
+    if isinstance(err, OSError):
+        return err.filename is not None or isinstance(err, (FileNotFoundError, FileExistsError, IsADirectoryError,
+                                                             NotADirectoryError, PermissionError))
+    return isinstance(err, _USER_ERRORS)
+
+
+def _message(err: BaseException) -> str:
+    if isinstance(err, KeyError):
+        return str(err.args[0]) if err.args else "missing key"
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror}" if str(err.filename) not in err.strerror else err.strerror
+    return str(err)
+
+
 def _user_error(command: str, err: Exception) -> int:
     """Exit 2 for bad input; exit 1 for an SGLang server that failed (its log tail is in the message)."""
-    print(f"abs-fast {command}: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+    print(f"abs-fast {command}: {_message(err)}", file=sys.stderr)
     return 1 if isinstance(err, _sglang_errors()) else 2
+
+
+def _guarded(command: str, run, *args) -> int:
+    """Run a command; user errors exit 2 (SGLang failures 1, non-finite training 3) with one line on stderr."""
+    from abs_fast.train import NonFiniteTrainingError
+
+    try:
+        result = run(*args)
+    except _sglang_errors() as err:
+        return _user_error(command, err)
+    except NonFiniteTrainingError as err:
+        print(f"abs-fast {command}: {err}", file=sys.stderr)
+        return 3
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        return _user_error(command, err)
+    return result if isinstance(result, int) else 0
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -141,49 +152,38 @@ def _split_list(values: list[str] | None) -> list[str]:
 def _eval(args: argparse.Namespace) -> int:
     from abs_fast.evaluate.commands import eval_command
 
-    try:
-        eval_command(args.policy, args.suite or [], base_only=args.base_only, model=args.model,
-                     overrides=args.set or [], output=args.output, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                     temperature=args.temperature, attack_seeds=args.attack_seeds or [],
-                     attack_samples=args.attack_samples, attacker_probe_on=not args.no_attacker_probe,
-                     progress=not args.quiet)
-    except (*_USER_ERRORS, *_sglang_errors()) as err:
-        return _user_error("eval", err)
-    return 0
+    return _guarded("eval", lambda: eval_command(
+        args.policy, args.suite or [], base_only=args.base_only, model=args.model, overrides=args.set or [],
+        output=args.output, limit=args.limit, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        attack_seeds=args.attack_seeds or [], attack_samples=args.attack_samples,
+        attacker_probe_on=not args.no_attacker_probe, progress=not args.quiet))
 
 
 def _crossplay(args: argparse.Namespace) -> int:
     from abs_fast.evaluate.commands import crossplay_command
 
-    try:
-        crossplay_command(_split_list(args.attackers), _split_list(args.defenders), args.seeds, model=args.model,
-                          overrides=args.set or [], output=args.output, limit=args.limit,
-                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, progress=not args.quiet)
-    except (*_USER_ERRORS, *_sglang_errors()) as err:
-        return _user_error("crossplay", err)
-    return 0
+    return _guarded("crossplay", lambda: crossplay_command(
+        _split_list(args.attackers), _split_list(args.defenders), args.seeds, model=args.model,
+        overrides=args.set or [], output=args.output, limit=args.limit, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, progress=not args.quiet))
 
 
 def _exploit(args: argparse.Namespace) -> int:
     from abs_fast.evaluate.commands import exploit_command
 
-    try:
-        exploit_command(args.defender, args.steps, model=args.model, overrides=args.set or [], output=args.output,
-                        resume=args.resume, progress=not args.quiet)
-    except (*_USER_ERRORS, *_sglang_errors()) as err:
-        return _user_error("exploit", err)
-    return 0
+    return _guarded("exploit", lambda: exploit_command(
+        args.defender, args.steps, model=args.model, overrides=args.set or [], output=args.output,
+        resume=args.resume, progress=not args.quiet))
 
 
 def _report(args: argparse.Namespace) -> int:
-    from abs_fast.evaluate.report import build_report
+    def run():
+        from abs_fast.evaluate.report import build_report
 
-    try:
         html_path, md_path = build_report(args.paths, args.output)
-    except _USER_ERRORS as err:
-        return _user_error("report", err)
-    print(f"wrote {html_path} (self-contained) and {md_path}")
-    return 0
+        print(f"wrote {html_path} (self-contained) and {md_path}")
+
+    return _guarded("report", run)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +197,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from abs_fast.train.demo import DEMO_STEPS
+
     parser = argparse.ArgumentParser(prog="abs-fast", description="Anchored Bipolicy Self-Play trainer")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="versions, devices and which backend each op uses (paste into bug reports)")
@@ -233,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(run=_plan)
 
     demo = commands.add_parser("demo", help="ABS on the built-in tiny model with the heuristic judge (CPU, minutes)")
-    demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo; replaced if it "
-                                                            "holds an earlier run)")
-    demo.add_argument("--steps", type=int, default=24, help="self-play steps (default 24)")
+    demo.add_argument("--output", default="runs/demo", help="run directory (default runs/demo; replaced only if it "
+                                                            "holds an earlier demo)")
+    demo.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"self-play steps (default {DEMO_STEPS})")
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the run (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
 
@@ -327,7 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # the reader went away (abs-fast info | head): not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (python flushes stdout at exit)
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,16 +1,34 @@
-"""Atomic file and directory writes: a reader (or a run interrupted mid-write) sees the old
-content or the new, never a half-written file."""
+"""Files: atomic writes (a reader, or a run interrupted mid-write, sees the old content or the new,
+never a half-written file); reads that name the file in every error; run directories that a run
+owns (a marker) and holds (an exclusive lock) for as long as it writes into them."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "figure_png", "replace_directory"]
+__all__ = [
+    "RUN_MARKER",
+    "RunDirectory",
+    "RunDirectoryError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "expect_file",
+    "figure_png",
+    "open_safetensors",
+    "read_json",
+    "read_safetensors",
+    "read_text",
+    "remove_stale_staging",
+    "replace_directory",
+]
 
 
 _UMASK = os.umask(0o022)
@@ -86,3 +104,211 @@ def figure_png(fig, path: str | Path | None = None) -> bytes:
     if path is not None:
         atomic_write_bytes(Path(path), data)
     return data
+
+
+# --- reads that name the file -------------------------------------------------------------------
+
+def expect_file(path: str | Path, what: str = "file") -> None:
+    """A missing path and a directory where a file belongs are errors that say which."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, f"{what} {path} is a directory; expected a file", str(path))
+    if not path.exists():
+        raise FileNotFoundError(2, f"{what} {path} does not exist", str(path))
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """UTF-8 text of `path`; a directory, a missing file or bytes that are not UTF-8 are errors naming it."""
+    path = Path(path)
+    expect_file(path, what)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """The JSON value in `path`; invalid JSON is an error naming the file and line."""
+    import json as _json
+
+    try:
+        return _json.loads(read_text(path, what))
+    except _json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path}:{err.lineno}: not valid JSON ({err.msg})") from None
+
+
+def _safetensors_error(path: Path, err: Exception, what: str) -> ValueError:
+    return ValueError(f"{what} {path}: not a readable safetensors file ({err}); the file is truncated or "
+                      f"corrupt: copy it again")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path, what: str = "weights file"):
+    """safetensors.safe_open on CPU, with a truncated or corrupt file reported by name."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    expect_file(path, what)
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _safetensors_error(path, err, what) from None
+    with handle as f:
+        yield _NamedSafetensors(f, path, what)
+
+
+class _NamedSafetensors:
+    """A safe_open handle whose tensor reads name the file when they fail."""
+
+    def __init__(self, handle, path: Path, what: str):
+        self._handle, self._path, self._what = handle, path, what
+
+    def keys(self):
+        return self._handle.keys()
+
+    def metadata(self):
+        return self._handle.metadata()
+
+    def get_tensor(self, name: str):
+        from safetensors import SafetensorError
+
+        try:
+            return self._handle.get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{self._what} {self._path}: tensor {name!r} cannot be read ({err}); the file is "
+                             "truncated or corrupt") from None
+
+    def get_slice(self, name: str):
+        return self._handle.get_slice(name)
+
+
+def read_safetensors(path: str | Path, what: str = "weights file") -> dict:
+    """Every tensor of a safetensors file (CPU), errors naming the file."""
+    with open_safetensors(path, what) as f:
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a mapping)
+
+
+# --- run directories: owned (a marker) and held (a lock) ------------------------------------------
+
+RUN_MARKER = ".abs-fast-run"
+_LOCK_NAME = ".abs-fast-lock"
+_HELD: dict[str, tuple[int, int]] = {}  # run directories this process holds: (lock fd, claims)
+
+
+class RunDirectoryError(ValueError):
+    """A run directory that this run may not write into (another program's, another kind of run's, or
+    one that another process holds)."""
+
+
+def _legacy_run(path: Path) -> bool:
+    """A run written before markers existed: config.json of train keys beside checkpoints/ or metrics."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"kl_beta", "mode", "seeds"} <= set(config) and (
+        (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file())
+
+
+class RunDirectory:
+    """The directory a command writes into, claimed for the whole run.
+
+    It must be new, empty, or hold an abs-fast run marker of the same `kind` (a demo replaces only an
+    earlier demo; train continues only a train run). An exclusive fcntl lock is held until close():
+    a second process is refused at once and told the holder's PID. Nothing is written into a
+    directory that fails these checks."""
+
+    def __init__(self, path: str | Path, kind: str, what: str = "--output"):
+        self.path, self.kind = Path(path), kind
+        self._key: str | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirectoryError(f"{what} {self.path} is a file; expected a directory (new, empty, or an earlier "
+                                    f"abs-fast {kind} run)")
+        marker = self.marker()
+        foreign = marker is None and self.path.is_dir() and any(self.path.iterdir())
+        if foreign and not (kind == "train" and _legacy_run(self.path)):
+            names = sorted(p.name for p in self.path.iterdir())
+            raise RunDirectoryError(f"{what} {self.path} holds files that are not an abs-fast run ("
+                                    f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); abs-fast writes "
+                                    "only into a new or empty directory or its own run: choose another")
+        if marker is not None and marker.get("kind") != kind:
+            raise RunDirectoryError(f"{what} {self.path} holds an abs-fast {marker.get('kind')} run, not a {kind} run; "
+                                    "choose another directory")
+
+    def marker(self) -> dict | None:
+        try:
+            value = json.loads((self.path / RUN_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, dict) else {"kind": None}
+
+    def claim(self) -> RunDirectory:
+        """Create the directory (and its marker), take the lock; raises RunDirectoryError when another
+        process holds it. Within one process a second claim shares the first's lock (counted)."""
+        if self._key is not None:  # this object holds it already
+            return self
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            key = os.path.realpath(self.path)
+        except OSError as err:
+            raise RunDirectoryError(f"cannot write into {self.path}: {err.strerror}") from None
+        if key in _HELD:
+            fd, count = _HELD[key]
+            _HELD[key] = (fd, count + 1)
+        else:
+            try:
+                fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise RunDirectoryError(f"cannot write into {self.path}: {err.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunDirectoryError(f"{self.path} is in use by another abs-fast process (PID {holder}); wait for "
+                                        "it to finish or choose another directory") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            _HELD[key] = (fd, 1)
+        self._key = key
+        if self.marker() is None:
+            atomic_write_text(self.path / RUN_MARKER, json.dumps(
+                {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        return self
+
+    def close(self) -> None:
+        key, self._key = self._key, None
+        if key is None or key not in _HELD:
+            return
+        fd, count = _HELD[key]
+        if count > 1:
+            _HELD[key] = (fd, count - 1)
+            return
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # closing releases the lock
+
+    def __enter__(self) -> RunDirectory:
+        return self.claim()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def remove_stale_staging(directory: str | Path) -> list[Path]:
+    """Remove what replace_directory and atomic writes leave behind when a process is killed mid-write
+    (.NAME.staging-*, .NAME.old-*, .NAME.*.tmp) in `directory`. Call it only while holding the run's lock."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        name = entry.name
+        if name.startswith(".") and (".staging-" in name or ".old-" in name or name.endswith(".tmp")):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

@@ -18,7 +18,7 @@ from abs_fast.evaluate.policies import eval_config, is_run_dir, load_role_adapte
 from abs_fast.evaluate.suites import load_suite, parse_suite_spec
 from abs_fast.game import parse_seed_spec
 from abs_fast.game.seeds import SeedStream
-from abs_fast.io import atomic_write_text
+from abs_fast.io import RunDirectory, atomic_write_text
 from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
 from abs_fast.train.config import TrainConfig, apply_overrides
 
@@ -80,6 +80,7 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
         raise ValueError("give --policy RUN_OR_ADAPTER_DIR, or --base-only (with --model DIR) for the base model")
     if not suite_specs:
         raise ValueError("give at least one --suite NAME=PATH")
+    _check_limit(limit)
     config = eval_config([policy] if policy else [], model, list(overrides))
     paths = {"defender": None if base_only else role_adapter(policy, "defender"),
              "attacker": role_adapter(policy, "attacker") if policy and is_run_dir(policy) and not base_only
@@ -95,7 +96,7 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
             output = str(Path("eval") / ("base" if base_only or not policy else Path(policy).name))
     logger.info(f"eval: loading {config.model} ({config.quantize}) with defender {paths['defender'] or 'none (base)'}")
     settings = _settings(config, max_new_tokens, temperature, attack_samples, progress)
-    with _loaded(config, paths, output) as m:
+    with RunDirectory(output, "eval"), _loaded(config, paths, output) as m:
         stops = stop_token_ids(m.tokenizer, m.policy)
         results, records = evaluate_policy(m.policy, m.tokenizer, m.judge, suites, m.names["defender"], stops,
                                            settings, engine=m.engine)
@@ -108,9 +109,9 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
             results["attacker_probe"], probe_records = attacker_probe(m.policy, m.tokenizer, m.judge, seeds,
                                                                       m.names["attacker"], m.names["defender"],
                                                                       stops, settings, engine=m.engine)
-    written = write_eval(results, records, output)
-    if probe_records:
-        atomic_write_text(Path(output) / "attacks.jsonl", "".join(json.dumps(r) + "\n" for r in probe_records))
+        written = write_eval(results, records, output)
+        if probe_records:
+            atomic_write_text(Path(output) / "attacks.jsonl", "".join(json.dumps(r) + "\n" for r in probe_records))
     logger.info(f"eval: wrote {', '.join(str(p) for p in written)}")
     print(eval_markdown(results))
     return Path(output), results
@@ -132,6 +133,7 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
     """`abs-fast crossplay`. Returns (output directory, results)."""
     if not attackers or not defenders:
         raise ValueError("give at least one attacker and one defender (adapter or run directories, or 'base')")
+    _check_limit(limit)
     config = eval_config([*attackers, *defenders], model, list(overrides))
     seeds = _seeds(seed_specs, limit, config.seed)
     paths, labels = {}, {"attacker": [], "defender": []}
@@ -143,17 +145,22 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
             labels[role].append((key, _label(spec, taken)))
     logger.info(f"cross-play: loading {config.model} with {sum(p is not None for p in paths.values())} adapter(s)")
     settings = _settings(config, max_new_tokens, temperature, progress=progress)
-    with _loaded(config, paths, output) as m:
+    with RunDirectory(output, "crossplay"), _loaded(config, paths, output) as m:
         results, records = crossplay(m.policy, m.tokenizer, m.judge,
                                      [(label, m.names[k]) for k, label in labels["attacker"]],
                                      [(label, m.names[k]) for k, label in labels["defender"]], seeds,
                                      stop_token_ids(m.tokenizer, m.policy), settings, engine=m.engine)
-    results.update({"model": config.model, "judge": config.judge, "engine": config.rollout_engine,
-                    "attacker_paths": list(attackers), "defender_paths": list(defenders)})
-    written = write_crossplay(results, records, output)
+        results.update({"model": config.model, "judge": config.judge, "engine": config.rollout_engine,
+                        "attacker_paths": list(attackers), "defender_paths": list(defenders)})
+        written = write_crossplay(results, records, output)
     logger.info(f"cross-play: wrote {', '.join(str(p) for p in written)}")
     print(crossplay_markdown(results))
     return Path(output), results
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1 (items per suite or seeds), got {limit}")
 
 
 def exploit_command(defender: str, steps: int, model: str | None = None, overrides: Sequence[str] = (),
@@ -171,7 +178,9 @@ def exploit_command(defender: str, steps: int, model: str | None = None, overrid
                                       "tensorboard": True}, where="exploit")
     config = apply_overrides(config, list(overrides))
     logger.info(f"exploit: a fresh attacker for {config.steps} steps against {frozen or 'the base model'} (frozen)")
-    trainer = Trainer(config, resume=resume)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    trainer = Trainer(config, resume=resume, run_kind="exploit")
     try:
         trainer.train()
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime
 import html
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from abs_fast.evaluate.crossplay import CROSSPLAY_METRICS, plot_crossplay
 from abs_fast.evaluate.evaluation import metric_order, metric_title
 from abs_fast.evaluate.exploit import plot_exploit
 from abs_fast.evaluate.tables import fmt, markdown_table
-from abs_fast.io import atomic_write_bytes, atomic_write_text
+from abs_fast.io import RunDirectory, atomic_write_bytes, atomic_write_text, read_json
 
 __all__ = ["build_report", "find_results"]
 
@@ -66,7 +65,7 @@ def find_results(path: str | Path) -> _Results:
         raise FileNotFoundError(f"{path} is not a directory (expected a run or results directory)")
     found = _Results(path)
     if (path / "config.json").is_file() and (path / "metrics.jsonl").is_file():
-        found.run_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        found.run_config = read_json(path / "config.json", "run config")
         found.metrics = path / "metrics.jsonl"
     for candidate in [path, *sorted(p for p in path.iterdir() if p.is_dir())]:
         if (candidate / "eval.json").is_file():
@@ -161,7 +160,7 @@ def _training_section(doc: _Document, found: _Results, label: str) -> None:
 
 
 def _eval_section(doc: _Document, path: Path) -> None:
-    results = json.loads(path.read_text(encoding="utf-8"))
+    results = read_json(path, "results file")
     doc.heading(f"Evaluation: {results.get('policy', path.parent.name)}")
     doc.paragraph(f"defender adapter {results.get('defender') or 'none (base model)'}, judge "
                   f"{results.get('judge', 'n/a')}, from {path}.", note=True)
@@ -191,7 +190,7 @@ def _eval_section(doc: _Document, path: Path) -> None:
 
 
 def _crossplay_section(doc: _Document, path: Path) -> None:
-    results = json.loads(path.read_text(encoding="utf-8"))
+    results = read_json(path, "results file")
     doc.heading("Cross-play")
     doc.paragraph(f"{len(results['attackers'])} attacker(s) x {len(results['defenders'])} defender(s) on "
                   f"{results['seeds']} seeds ({results['seeds_harmful']} harmful), from {path}.", note=True)
@@ -205,7 +204,7 @@ def _crossplay_section(doc: _Document, path: Path) -> None:
 
 
 def _exploit_section(doc: _Document, path: Path) -> None:
-    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary = read_json(path, "results file")
     doc.heading(f"Exploitability of {summary['defender']}")
     doc.figure(plot_exploit(summary), f"exploitability of {summary['defender']}", "exploit-curve")
     plateau = summary["plateau"]
@@ -228,6 +227,11 @@ def build_report(paths: list[str | Path], output: str | Path) -> tuple[Path, Pat
     """Write output/report.html (self-contained) and output/report.md (+ output/figures/)."""
     output = Path(output)
     found = [find_results(p) for p in paths]
+    with RunDirectory(output, "report"):
+        return _write_report(found, output)
+
+
+def _write_report(found: list, output: Path) -> tuple[Path, Path]:
     (output / "figures").mkdir(parents=True, exist_ok=True)
     doc = _Document("abs-fast report", output / "figures")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from abs_fast.evaluate.gsm8k import gsm8k_reference
 from abs_fast.game.seeds import TYPE_VALUES, read_records
+from abs_fast.io import expect_file
 
 __all__ = ["HEADLINE_METRICS", "SAFETY_KINDS", "SUITE_KINDS", "EvalItem", "load_suite", "parse_suite_spec"]
 
@@ -181,8 +182,7 @@ def load_suite(kind: str, path: str | Path, limit: int | None = None) -> list[Ev
     if kind not in _READERS:
         raise ValueError(f"unknown suite kind {kind!r}; known: {', '.join(SUITE_KINDS)}")
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} suite file {path} does not exist")
+    expect_file(path, f"{kind} suite file")
     items: list[EvalItem] = []
     for where, row in read_records(path):
         item = _READERS[kind](where, row)

@@ -8,6 +8,7 @@ reported with its file and line (row, for Parquet).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from abs_fast.game.rewards import SEED_TYPES
+from abs_fast.io import expect_file, read_text
 
 __all__ = ["PROMPT_COLUMNS", "TYPE_COLUMNS", "TYPE_VALUES", "Seed", "SeedStream", "builtin_seeds", "load_seeds",
            "parse_seed_spec", "read_records"]
@@ -51,19 +53,18 @@ def read_records(path: str | Path):
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-                yield f"{path}:{number}", row
+        for number, line in enumerate(read_text(path, "data file").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+            yield f"{path}:{number}", row
     elif suffix in (".csv", ".tsv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with io.StringIO(read_text(path, "data file"), newline="") as f:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             if not reader.fieldnames:
                 raise ValueError(f"{path}:1: empty {suffix[1:].upper()} file (expected a header row)")
@@ -91,8 +92,7 @@ def load_seeds(path: str | Path, seed_type: str | None = None, prompt_column: st
     """Seeds of one file. seed_type: the type of every row (overrides any type column); without it
     the file needs a type column (one of TYPE_COLUMNS, or `type_column`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"seed file {path} does not exist")
+    expect_file(path, "seed file")
     if seed_type is not None and seed_type not in SEED_TYPES:
         raise ValueError(f"{path}: seed type must be one of {SEED_TYPES}, got {seed_type!r}")
     seeds: list[Seed] = []

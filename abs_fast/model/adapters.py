@@ -15,10 +15,9 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from abs_fast.io import atomic_write_text, replace_directory
+from abs_fast.io import atomic_write_text, open_safetensors, read_text, replace_directory
 from abs_fast.model.lora import MultiLoRALinear
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_adapter_state", "read_adapter_config",
@@ -88,7 +87,7 @@ def read_adapter_config(directory: str | Path) -> dict:
         raise FileNotFoundError(f"{path}: no adapter config (expected a PEFT adapter directory holding "
                                 f"{CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(read_text(path, "adapter config"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
     for field, expected in (("peft_type", "LORA"),):
@@ -126,7 +125,7 @@ def load_peft_adapter(layers: dict[str, MultiLoRALinear], directory: str | Path,
         hint = " (a .bin adapter is a pickle: re-save it with safetensors)" if pickled else ""
         raise FileNotFoundError(f"{weights}: missing{hint}")
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
+    with open_safetensors(weights, "adapter weights") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
             match = _KEY.match(key.removeprefix(_PREFIX))
             if match is None:
@@ -146,6 +145,10 @@ def load_peft_adapter(layers: dict[str, MultiLoRALinear], directory: str | Path,
             missing = "lora_B" if "A" in pair else "lora_A"
             raise ValueError(f"{weights}: module {module!r} has no {missing} tensor")
         rank = pair["A"].shape[0]
+        expected = int(_pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+        if rank != expected or pair["B"].shape[-1] != rank:
+            raise ValueError(f"{weights}: module {module!r}: lora_A has rank {rank} and lora_B {pair['B'].shape[-1]}, "
+                             f"but {directory / CONFIG_NAME} says r={expected}: the config and the weights disagree")
         alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"]))
         if rslora:  # PEFT scales by alpha / sqrt(r); the layer scales by alpha / r
             alpha *= math.sqrt(rank)

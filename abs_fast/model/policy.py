@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from abs_fast.io import open_safetensors, read_text
 from abs_fast.model.adapters import CONFIG_NAME, load_peft_adapter, save_peft_adapter
 from abs_fast.model.attention import Documents, PackedBatch
 from abs_fast.model.lora import MultiLoRALinear
@@ -90,7 +91,7 @@ class _SafetensorsSource:
         self.files: dict[str, Path] = {}  # tensor name -> file
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                weight_map = json.loads(read_text(index, "weight index"))["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{index}: expected JSON with a 'weight_map' object ({err})") from None
             for name, file in weight_map.items():
@@ -105,10 +106,8 @@ class _SafetensorsSource:
                 hint = f" (found {', '.join(pickles)}: pickle checkpoints are not loaded; convert them to " \
                        "safetensors)" if pickles else ""
                 raise FileNotFoundError(f"{directory}: no *.safetensors weight files{hint}")
-            from safetensors import safe_open
-
             for shard in shards:
-                with safe_open(str(shard), framework="pt", device="cpu") as f:
+                with open_safetensors(shard, "model weights") as f:
                     for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                         if name in self.files:
                             raise ValueError(f"{shard}: tensor {name!r} also appears in {self.files[name]}")
@@ -129,22 +128,18 @@ class _SafetensorsSource:
         return str(self.files[name])
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
         out = {}
         for name in names:
-            with safe_open(str(self.files[name]), framework="pt", device="cpu") as f:
+            with open_safetensors(self.files[name], "model weights") as f:
                 out[name] = f.get_tensor(name)
         return out
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor | NF4Weight]]:
-        from safetensors import safe_open
-
         by_file: dict[Path, list[str]] = {}
         for name in self.names():
             by_file.setdefault(self.files[name], []).append(name)
         for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
+            with open_safetensors(file, "model weights") as f:
                 for name in names:
                     if name in self.parts:
                         parts = self._read(self.parts[name])
@@ -191,7 +186,7 @@ def _read_hf_config(path_or_preset: str | Path):
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: missing (a model directory needs config.json and *.safetensors)")
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        raw = json.loads(read_text(config_file, "model config"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file}: line {err.lineno}: not valid JSON ({err.msg})") from None
     model_type = raw.get("model_type")

@@ -209,6 +209,25 @@ class _Server:
             process.wait(timeout=30)
 
 
+def _check_key_transport(url: str) -> None:
+    """A bearer key travels only over https or to this machine (loopback), unless
+    SGLANG_ALLOW_PLAIN_HTTP_KEY=1 says the network between is trusted."""
+    import ipaddress
+    import urllib.parse
+
+    parsed = urllib.parse.urlparse(url)
+    host = parsed.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if parsed.scheme == "https" or loopback or os.environ.get("SGLANG_ALLOW_PLAIN_HTTP_KEY") == "1":
+        return
+    raise ValueError(f"SGLANG_API_KEY would be sent in clear over {parsed.scheme}:// to {host}: use an https:// URL "
+                     "for sglang_url, a server on 127.0.0.1, or set SGLANG_ALLOW_PLAIN_HTTP_KEY=1 if the network is "
+                     "trusted")
+
+
 def _http(url: str, payload: dict | None = None, timeout: float = 60.0, key: str | None = None) -> tuple[int, object]:
     """(status, parsed JSON or text) of a GET (payload None) or a JSON POST, with `key` as a bearer
     token when given. Transport failures (refused, reset, timed out) raise _ServerFailure; HTTP
@@ -329,6 +348,9 @@ class SGLangEngine:
         if settings is not None and (api_key or admin_api_key):
             raise ValueError("API keys are for attached servers (url=...): a launched server binds to 127.0.0.1 "
                              "and takes no key")
+        if api_key or admin_api_key:
+            for where in [url, *(worker_urls or ())]:
+                _check_key_transport(where)
         self._api_key = api_key or None
         self._admin_api_key = admin_api_key or api_key or None
         if adapter_sync not in ADAPTER_SYNC_MODES:

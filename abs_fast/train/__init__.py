@@ -10,10 +10,28 @@ from abs_fast.train.config import (
     preset_config,
     role_adapters,
 )
-from abs_fast.train.loop import Trainer
+from abs_fast.train.loop import NonFiniteTrainingError, Trainer
 from abs_fast.train.metrics import MetricsLog, plot_metrics, read_metrics, summary_table
 from abs_fast.train.update import Sample, UpdateSettings, policy_update
 
-__all__ = ["MODES", "TRAIN_PRESETS", "MetricsLog", "Sample", "TrainConfig", "Trainer", "UpdateSettings",
-           "apply_overrides", "config_from_file", "latest_checkpoint", "load_checkpoint", "plot_metrics",
-           "policy_update", "preset_config", "read_metrics", "role_adapters", "save_checkpoint", "summary_table"]
+__all__ = [
+    "MODES",
+    "TRAIN_PRESETS",
+    "MetricsLog",
+    "NonFiniteTrainingError",
+    "Sample",
+    "TrainConfig",
+    "Trainer",
+    "UpdateSettings",
+    "apply_overrides",
+    "config_from_file",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "plot_metrics",
+    "policy_update",
+    "preset_config",
+    "read_metrics",
+    "role_adapters",
+    "save_checkpoint",
+    "summary_table",
+]

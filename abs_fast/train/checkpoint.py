@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from abs_fast.io import atomic_write_text, replace_directory
+from abs_fast.io import atomic_write_text, read_safetensors, read_text, replace_directory
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -57,7 +57,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    target = root / pointer.read_text(encoding="utf-8").strip()
+    target = root / read_text(pointer, "checkpoint pointer").strip()
     if not (target / STATE_NAME).is_file():
         raise FileNotFoundError(f"{pointer} names {target.name}, which is missing or incomplete")
     return target
@@ -68,11 +68,11 @@ def load_checkpoint(checkpoint: str | Path, policy, optimizer: torch.optim.Optim
     """Restore adapters (in place) and optimizer state; returns (state, rng_states)."""
     checkpoint = Path(checkpoint)
     try:
-        state = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8"))
+        state = json.loads(read_text(checkpoint / STATE_NAME, "checkpoint state"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{checkpoint / STATE_NAME}: not valid JSON ({err})") from None
     policy.load_adapters(checkpoint / "adapters", names=policy.adapter_names)
-    tensors = load_file(str(checkpoint / OPTIMIZER_NAME))
+    tensors = read_safetensors(checkpoint / OPTIMIZER_NAME, "optimizer state")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         index, _, name = key.partition(".")
@@ -82,4 +82,4 @@ def load_checkpoint(checkpoint: str | Path, policy, optimizer: torch.optim.Optim
         raise ValueError(f"{checkpoint}: optimizer groups {[g.get('name') for g in saved_groups]} do not match this "
                          f"run's {[g.get('name') for g in optimizer.param_groups]} (a different mode?)")
     optimizer.load_state_dict({"state": per_param, "param_groups": saved_groups})
-    return state, load_file(str(checkpoint / RNG_NAME))
+    return state, read_safetensors(checkpoint / RNG_NAME, "checkpoint RNG state")

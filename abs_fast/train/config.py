@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
+
+from abs_fast.io import read_text
 
 __all__ = ["MODES", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "config_from_file", "preset_config",
            "role_adapters"]
@@ -27,6 +30,11 @@ def role_adapters(mode: str) -> dict[str, str | None]:
         "defender-only": {"attacker": None, "defender": "defender"},
         "attacker-only": {"attacker": "attacker", "defender": None},
     }[mode]
+
+
+# upper bounds past which a value is a typo, not a choice (LoRA Adam rates are ~1e-6..1e-3)
+_SANE_UPPER = {"lr_attacker": 1.0, "lr_defender": 1.0, "kl_beta": 100.0, "clip_eps": 10.0, "temperature": 10.0,
+               "weight_decay": 10.0}
 
 
 @dataclass
@@ -95,6 +103,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     check_memory: bool = True  # refuse, before loading anything, a run whose memory plan does not fit the device
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row whose every update was non-finite
 
     def validate(self, require_model: bool = True) -> TrainConfig:
         """Check every key; require_model=False for planning a preset before a checkpoint is chosen."""
@@ -112,9 +121,24 @@ class TrainConfig:
             raise ValueError(f"need temperature >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         for name in ("kl_beta", "clip_eps", "reward_clip", "grad_clip", "weight_decay", "lr_attacker", "lr_defender"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name, upper in _SANE_UPPER.items():
+            if getattr(self, name) > upper:
+                raise ValueError(f"{name}={getattr(self, name)} is far outside any sane range (at most {upper}); "
+                                 "check the exponent")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.reward_clip == 0:
+            raise ValueError("reward_clip must be > 0 (it bounds |reward|)")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.algorithm in ("grpo", "rloo") and self.samples_per_prompt < 2:
             raise ValueError(f"algorithm={self.algorithm} compares samples of one seed: set samples_per_prompt >= 2")
         if self.judge_max_seq_len < 256:
@@ -251,9 +275,7 @@ def apply_overrides(config: TrainConfig, overrides: dict | list[str], where: str
 def config_from_file(path: str | Path) -> TrainConfig:
     """A JSON or TOML file of config keys; an optional "preset" key names the starting point."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path, "config file")
     if path.suffix.lower() == ".toml":
         try:
             import tomllib

@@ -31,7 +31,7 @@ from abs_fast.game import (
     parse_seed_spec,
     turn_answer,
 )
-from abs_fast.io import atomic_write_text
+from abs_fast.io import RunDirectory, atomic_write_text, remove_stale_staging
 from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
 from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ from abs_fast.train.games import Game, deal_games, game_metrics, score_games
 from abs_fast.train.metrics import MetricsLog
 from abs_fast.train.update import Sample, UpdateSettings, policy_update
 
-__all__ = ["Trainer"]
+__all__ = ["NonFiniteTrainingError", "Trainer"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,28 @@ def _peak_memory_gb(device: torch.device) -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training stopped: updates kept coming out non-finite (exit status 3 on the command line)."""
+
+
+def _check_device(device: str) -> None:
+    """device: auto, cpu, cuda or cuda:N, and a CUDA device must exist."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device}: no CUDA device is visible here (torch {torch.__version__}); use "
+                             "device=cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 class Trainer:
     """Builds the policy, engine, judge and optimizer from a TrainConfig and runs steps.
 
@@ -95,18 +117,47 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, judge: Judge | None = None, policy=None, tokenizer=None,
-                 resume: bool = False):
+                 resume: bool = False, run_directory: RunDirectory | None = None, run_kind: str = "train"):
         self.config = config.validate()
         self.run_dir = Path(config.output)
+        _check_device(config.device)
+        if config.judge == "wildguard" and not Path(config.judge_model).is_dir():
+            raise FileNotFoundError(f"judge_model={config.judge_model}: no such directory (a WildGuard-format "
+                                    "classifier checkpoint)")
+        seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]  # a bad seed file fails before any load
         self.collective, device = init_distributed(config.device)
         self.rank_device = None if device == "auto" else device
         rank = self.collective.rank
+        # rank 0 alone writes into the run directory: checked now (nothing written), claimed (created, marked,
+        # locked) just before the weights load, once every check that needs no weights has passed
+        self.run_directory = None
+        self._owns_run_directory = run_directory is None
+        if self.collective.is_main:
+            self.run_directory = run_directory or RunDirectory(self.run_dir, run_kind)
+        try:
+            self._build(config, judge, policy, tokenizer, resume, device, rank, seeds)
+        except BaseException:
+            if self.run_directory is not None and self._owns_run_directory:
+                self.run_directory.close()
+            raise
+
+    def _claim_run_directory(self) -> None:
+        if self.run_directory is None:
+            return
+        self.run_directory.claim()
+        for stale in (*remove_stale_staging(self.run_dir), *remove_stale_staging(self.run_dir / "checkpoints")):
+            logger.info("removed %s, left by a run killed mid-write", stale)
+
+    def _build(self, config: TrainConfig, judge, policy, tokenizer, resume: bool, device: str, rank: int,
+               seeds: list) -> None:
         if config.check_memory:
             self._check_memory(device)
         self.adapters = role_adapters(config.mode)
         self.trained_roles = tuple(role for role in ROLES if self.adapters[role] is not None)
         self.trained_adapters = tuple(dict.fromkeys(self.adapters[role] for role in self.trained_roles))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(config)
+        self._check_prompt_budget(seeds)
+        self._claim_run_directory()
         self.engine = None
         if config.rollout_engine == "sglang":  # first: the server sizes its memory pool from what is free at start
             self.engine = self._sglang_engine()
@@ -126,13 +177,13 @@ class Trainer:
         # the embedded engine samples from the policy's own weights: its log-probs are the old policy's
         self.reuse_sampler_logprobs = config.reuse_sampler_logprobs and isinstance(self.engine, EmbeddedEngine)
         self.judge = judge if judge is not None else load_judge(config, device=self.rank_device)
-        seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]
         self.stream = SeedStream(seeds, config.seed)
         self.rng = torch.Generator().manual_seed(config.seed)  # the games of a step: the same on every rank
         self.update_rng = torch.Generator().manual_seed(config.seed * 1_000_003 + 101 + rank)  # this rank's batches
         self.optimizer = self._build_optimizer()
         self.stop_ids = stop_token_ids(self.tokenizer, self.policy)
         self.step = 0
+        self.nonfinite_streak = 0
         resume_step = None
         if resume:
             resume_step = self._resume()
@@ -149,6 +200,20 @@ class Trainer:
         self._push_adapters(tuple(dict.fromkeys(a for a in self.adapters.values() if a is not None)))
 
     # --- construction ----------------------------------------------------------------------
+
+    def _check_prompt_budget(self, seeds: list) -> None:
+        """Refuse, before loading weights, a max_prompt_tokens that no game prompt fits (every game would
+        be dropped and the run would train on nothing)."""
+        config = self.config
+        shortest = None
+        for seed in seeds[:64]:
+            messages = attacker_messages(seed.prompt, seed.type, config.reasoning)
+            length = len(encode_turn(self.tokenizer, messages, config.reasoning))
+            shortest = length if shortest is None else min(shortest, length)
+        if shortest is not None and shortest > config.max_prompt_tokens:
+            raise ValueError(f"max_prompt_tokens={config.max_prompt_tokens} is shorter than every attacker prompt "
+                             f"(the shortest of the first seeds is {shortest} tokens): every game would be dropped. "
+                             f"Raise max_prompt_tokens to at least {shortest}")
 
     def _check_memory(self, device: str) -> None:
         """Refuse a run whose memory plan does not fit the device this rank sees, before loading anything."""
@@ -284,6 +349,14 @@ class Trainer:
             self._push_adapters(self.trained_adapters)
         self.step += 1
         record = self._record(games, samples, update, diagnostics, clock, generated_tokens)
+        bad = update.get("nonfinite_skipped", 0) + update.get("nonfinite_rolled_back", 0)
+        self.nonfinite_streak = self.nonfinite_streak + 1 if bad and not update.get("optimizer_steps") else 0
+        if self.nonfinite_streak >= self.config.max_nonfinite_steps:
+            raise NonFiniteTrainingError(
+                f"{self.nonfinite_streak} steps in a row had only non-finite updates (loss, gradients or the adapters "
+                f"after a step); stopped at step {self.step}. The adapters were left as they were before those "
+                f"updates; the newest checkpoint in {self.run_dir / 'checkpoints'} is good. Lower the learning "
+                "rates or check the model (max_nonfinite_steps sets the patience).")
         if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
             self.save()
         return record
@@ -502,6 +575,8 @@ class Trainer:
             self.metrics.close()
         if self.collective.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if self.run_directory is not None and self._owns_run_directory:
+            self.run_directory.close()
 
 
 def _postfix(record: dict) -> dict:

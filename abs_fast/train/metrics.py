@@ -3,6 +3,7 @@ summary table."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -143,18 +144,40 @@ _SUMMARY_KEYS = (
 )
 
 
+def _finite(records: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in records if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+
+
 def summary_table(records: list[dict]) -> str:
-    """First step vs last step for the headline metrics, as a plain-text table."""
+    """The headline metrics over the first and the last quarter of the steps (means), the change, and
+    the step-to-step noise (the standard deviation of consecutive differences over sqrt 2): a change
+    larger than the noise is marked *. A metric with nothing to count in those steps shows n/a."""
     if not records:
         return "(no steps recorded)"
-    first, last = records[0], records[-1]
-    rows = [("metric", f"step {first['step']}", f"step {last['step']}")]
+    quarter = max(1, len(records) // 4)
+    first, last = records[:quarter], records[-quarter:]
+    span = lambda rs: f"steps {rs[0]['step']}-{rs[-1]['step']}" if len(rs) > 1 else f"step {rs[0]['step']}"
+    rows = [("metric", f"first quarter ({span(first)})", f"last quarter ({span(last)})", "change", "noise")]
+    missing = False
     for key, label in _SUMMARY_KEYS:
-        if key in first or key in last:
-            fmt = lambda r: f"{r[key]:.3f}" if isinstance(r.get(key), int | float) else "-"  # noqa: B023
-            rows.append((label, fmt(first), fmt(last)))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        if not any(key in r for r in records):
+            continue
+        a, b, every = _finite(first, key), _finite(last, key), _finite(records, key)
+        mean_a = sum(a) / len(a) if a else None
+        mean_b = sum(b) / len(b) if b else None
+        diffs = [y - x for x, y in itertools.pairwise(every)]
+        noise = (sum(d * d for d in diffs) / len(diffs) / 2) ** 0.5 if diffs else None
+        change = mean_b - mean_a if mean_a is not None and mean_b is not None else None
+        cell = lambda v: "n/a" if v is None else f"{v:.3f}"
+        marked = change is not None and noise is not None and abs(change) > noise
+        missing |= mean_a is None or mean_b is None
+        rows.append((label, cell(mean_a), cell(mean_b), (f"{change:+.3f}" + ("*" if marked else " ")) if change
+                     is not None else "n/a", cell(noise)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths,
              strict=True))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("* the change is larger than the step-to-step noise.")
+    if missing:
+        lines.append("n/a: those steps had no game or token that the metric counts (e.g. no harmful seed dealt).")
     return "\n".join(lines)

@@ -148,7 +148,7 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     order = torch.randperm(N, generator=generator).tolist()
     local_batch = -(-settings.train_batch_size // collective.world_size)
     steps = int(collective.max(torch.tensor([-(-N // local_batch)], device=device)))
-    losses, clipped, tokens_seen, steps_taken, skipped = [], 0.0, 0, 0, 0
+    losses, clipped, tokens_seen, steps_taken, skipped, rolled_back = [], 0.0, 0, 0, 0, 0
     norms: dict[str, list[float]] = {name: [] for name in group_names}
     response_lengths = mask.sum(1)
     for step in range(steps):
@@ -201,9 +201,16 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
                     finite = False
                 norms[name].append(norm)
         if finite:
+            before = _optimizer_snapshot(optimizer)
             optimizer.step()
-            steps_taken += 1
-            losses.append(batch_loss)
+            if _parameters_finite(optimizer):
+                steps_taken += 1
+                losses.append(batch_loss)
+            else:
+                _restore(optimizer, before)
+                rolled_back += 1
+                logger.warning("train batch %d: the optimizer step made adapter parameters non-finite; rolled back "
+                               "(parameters and Adam state as before the step)", step)
         else:
             skipped += 1
             logger.warning("non-finite loss or gradient in train batch %d: optimizer step skipped (adapters unchanged)",
@@ -220,11 +227,38 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     metrics["tokens_per_second/train"] = token_total / max(metrics["seconds/train"], 1e-9)
     summed = collective.sum(torch.tensor([sum(losses), clipped, float(tokens_seen)], dtype=torch.float64,
                                          device=device)).tolist()
-    metrics["loss"] = summed[0] / len(losses) if losses else float("nan")
+    if losses:  # no step taken: no loss to report (the summary says n/a)
+        metrics["loss"] = summed[0] / len(losses)
     metrics["clip_fraction"] = summed[1] / max(summed[2], 1)
     metrics["optimizer_steps"] = steps_taken
     metrics["nonfinite_skipped"] = skipped
+    metrics["nonfinite_rolled_back"] = rolled_back
     for name, values in norms.items():
         if values:
             metrics[f"grad_norm/{name}"] = max(values)
     return metrics
+
+
+def _optimizer_snapshot(optimizer: torch.optim.Optimizer) -> list[tuple[torch.Tensor, dict]]:
+    """Copies of every trained parameter and its optimizer state (LoRA-sized: cheap beside the step)."""
+    return [(p.detach().clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                  for k, v in optimizer.state.get(p, {}).items()})
+            for group in optimizer.param_groups for p in group["params"]]
+
+
+def _parameters_finite(optimizer: torch.optim.Optimizer) -> bool:
+    params = [p.detach() for group in optimizer.param_groups for p in group["params"]]
+    if not params:
+        return True
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one host sync per step
+
+
+def _restore(optimizer: torch.optim.Optimizer, snapshot: list[tuple[torch.Tensor, dict]]) -> None:
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for p, (value, state) in zip(params, snapshot, strict=True):
+            p.copy_(value)
+            if state:
+                optimizer.state[p] = state
+            else:
+                optimizer.state.pop(p, None)
