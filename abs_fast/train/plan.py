@@ -265,6 +265,11 @@ def plan_memory(config: TrainConfig, preset: str | None = None, gpu_memory_gb: f
     layer_backward = recomputed + tokens * (2 * i * b + 6 * h * 4) + swiglu + buffer_scratch + nf4_scratch
     phases["train"] = {"adapter gradients (fp32)": trained * params * 4, what: saved,
                        "backward working set": max(logprob_backward, layer_backward)}
+    # the optimizer step: the gradients, a copy of the adapters and their Adam state (rolled back when the
+    # step leaves a non-finite value), and Adam's own temporaries (foreach: about one more copy)
+    phases["optimizer step"] = {"adapter gradients (fp32)": trained * params * 4,
+                                "rollback copy (fp32 params + moments)": trained * params * 12,
+                                "Adam temporaries": trained * params * 4}
     capacity = None if gpu_memory_gb is None else int(gpu_memory_gb * GIB)
     plan = MemoryPlan(device, resident, phases, capacity)
     plan.advice = _advice(plan, config)
