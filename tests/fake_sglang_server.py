@@ -6,6 +6,8 @@ those options the way the issue states them (127.0.0.1 only, LoRA on, a rank, a 
 list without "all-linear", at least 3 LoRAs per batch) and serves:
 
 - GET /health: 200 (503 for the first FAKE_SGLANG_STARTUP_503 calls)
+- GET /get_server_info: version (FAKE_SGLANG_VERSION, default 0.5.23), tp_size / dp_size
+  (FAKE_SGLANG_TP / FAKE_SGLANG_DP), disable_radix_cache, model_path
 - POST /generate: batched `input_ids`, one `sampling_params` dict per item (every value explicit,
   else HTTP 400), `lora_path` per item (loaded names or None), `return_logprob`, `rid`. Outputs
   carry meta_info.id, finish_reason, prompt_tokens, completion_tokens, output_token_logprobs
@@ -19,7 +21,8 @@ weights (the sum of its tensors), so a test can tell which adapter version answe
 Faults, for the restart tests: FAKE_SGLANG_CRASH_ONCE_FILE / FAKE_SGLANG_HANG_ONCE_FILE (a file
 whose existence makes the next /generate crash the process / hang; it is deleted first),
 FAKE_SGLANG_CRASH_ALWAYS=1, FAKE_SGLANG_GENERATE_DELAY (seconds), FAKE_SGLANG_REVERSE=1 (outputs in
-reverse order). FAKE_SGLANG_JOURNAL: every request is appended there as a JSON line.
+reverse order), FAKE_SGLANG_GENERATE_500=MESSAGE (HTTP 500 with an OpenAI-style error body).
+FAKE_SGLANG_JOURNAL: every request is appended there as a JSON line.
 Keys, as SGLang's --api-key / --admin-api-key decide them: FAKE_SGLANG_API_KEY guards /generate;
 the adapter routes want FAKE_SGLANG_ADMIN_API_KEY when it is set, else FAKE_SGLANG_API_KEY; /health
 is open. A missing or wrong bearer token gets 401.
@@ -96,6 +99,12 @@ def _make_handler(state: _State):
                 if state.health_calls <= int(os.environ.get("FAKE_SGLANG_STARTUP_503", "0")):
                     return self._send(503, {"status": "starting"})
                 return self._send(200, {})
+            if self.path == "/get_server_info":  # a few of the real fields (server args + version)
+                return self._send(200, {"version": os.environ.get("FAKE_SGLANG_VERSION", "0.5.23"),
+                                        "tp_size": int(os.environ.get("FAKE_SGLANG_TP", "1")),
+                                        "dp_size": int(os.environ.get("FAKE_SGLANG_DP", "1")),
+                                        "disable_radix_cache": state.args.disable_radix_cache,
+                                        "model_path": state.args.model_path})
             self._send(404, {"detail": "Not Found"})
 
         def _authorised(self) -> bool:
@@ -177,6 +186,9 @@ def _make_handler(state: _State):
         # --- generation ---------------------------------------------------------------------
 
         def _generate(self, body):
+            if os.environ.get("FAKE_SGLANG_GENERATE_500"):  # the server answers with an error (it is alive)
+                return self._send(500, {"error": {"message": os.environ["FAKE_SGLANG_GENERATE_500"],
+                                                  "type": "InternalServerError", "code": 500}})
             crash_once = os.environ.get("FAKE_SGLANG_CRASH_ONCE_FILE")
             if os.environ.get("FAKE_SGLANG_CRASH_ALWAYS") == "1" or (crash_once and os.path.exists(crash_once)):
                 if crash_once and os.path.exists(crash_once):
@@ -243,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-seed", type=int, default=0)
     parser.add_argument("--tokenizer-path")
     parser.add_argument("--mem-fraction-static", type=float)
+    parser.add_argument("--disable-radix-cache", action="store_true")
     args = parser.parse_args(argv)
     if args.host != "127.0.0.1":
         parser.error(f"--host {args.host}: the protocol tests expect 127.0.0.1")

@@ -516,3 +516,128 @@ def test_protocol_trainer_one_generate_per_wave_and_a_push_after_each_step(tmp_p
     assert names_in_step2 <= set(loaded[2:4]) and names_in_step2
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(records) == 2 and all(r["seconds/sync"] > 0 for r in records)
+
+
+# --- real-server behaviour: version gate, data parallel, error bodies, ignore_eos, environment -----
+
+
+def test_protocol_old_sglang_is_refused_unless_its_radix_cache_is_off(tmp_path, journal):
+    """Below 0.5.1 the radix cache keys on token ids alone: adapters would share cached prefixes."""
+    with pytest.raises(SGLangServerError, match=r"0\.4\.10.*radix cache.*0\.5\.1"):
+        SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_VERSION="0.4.10.post2"))
+    settings = settings_for(tmp_path, journal, FAKE_SGLANG_VERSION="0.4.10")
+    settings.extra_args = ("--disable-radix-cache",)
+    with SGLangEngine(settings=settings) as engine:
+        assert engine.server_version == "0.4.10"
+    with SGLangEngine(settings=settings_for(tmp_path, journal)) as engine:
+        assert engine.server_version == "0.5.23" and engine.tp_size == 1
+
+
+def test_protocol_data_parallel_is_refused(tmp_path, journal):
+    settings = settings_for(tmp_path, journal)
+    for option in ("--dp", "--dp-size=2", "--data-parallel-size"):
+        settings.extra_args = (option, "2") if "=" not in option else (option,)
+        with pytest.raises(ValueError, match="data-parallel"):
+            server_command(settings, 1234)
+    settings.extra_args = ()
+    with pytest.raises(SGLangServerError, match="dp_size=2"):
+        SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_DP=2))
+
+
+def test_protocol_an_http_error_is_the_requests_not_a_restart(tmp_path, journal, policy):
+    """A 5xx is an answer: the wave fails with the server's message (OpenAI-style body), the healthy
+    server is not restarted."""
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_GENERATE_500="out of KV slots"),
+                      adapter_sync="files") as engine:
+        engine.update_adapters(policy)
+        with pytest.raises(SGLangRequestError, match="HTTP 500: out of KV slots"):
+            engine.generate([RolloutRequest([1, 2, 3], "attacker")])
+        assert engine.restarts == 0
+
+
+def test_protocol_error_bodies_are_read_in_every_shape():
+    from abs_fast.rollout.sglang import _error_text
+
+    assert _error_text({"error": "Unauthorized"}) == "Unauthorized"
+    assert _error_text({"error": {"message": "bad lora", "code": 400}}) == "bad lora"
+    assert _error_text({"detail": "Not Found"}) == "Not Found"
+    assert _error_text({"success": False, "error_message": "no such adapter"}) == "no such adapter"
+    assert _error_text("plain text") == "plain text"
+
+
+def test_protocol_ignore_eos_with_stop_ids_is_refused():
+    from abs_fast.rollout.sglang import _sampling_dict
+
+    with pytest.raises(ValueError, match="ignore_eos"):
+        _sampling_dict(SamplingParams(ignore_eos=True, stop_token_ids=(7,)), EOS)
+    assert _sampling_dict(SamplingParams(ignore_eos=True, stop=("x",)), EOS)["stop_token_ids"] == []
+
+
+def test_protocol_both_names_of_the_original_logprob_switch_are_cleared(tmp_path, journal, monkeypatch):
+    from abs_fast.rollout.sglang import server_environment
+
+    monkeypatch.setenv("RETURN_ORIGINAL_LOGPROB", "True")
+    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
+    settings = settings_for(tmp_path, journal, SGLANG_RETURN_ORIGINAL_LOGPROB="1")
+    env = server_environment(settings)
+    assert "RETURN_ORIGINAL_LOGPROB" not in env and "SGLANG_RETURN_ORIGINAL_LOGPROB" not in env
+    assert env["FAKE_SGLANG_JOURNAL"] == str(journal)
+
+
+def test_protocol_tensor_route_only_for_a_launched_single_rank_server(tmp_path, journal):
+    """Tensors travel as CUDA IPC handles naming a device index: an attached server, a server on
+    another GPU index, or tensor parallelism get files (auto) or a clear refusal (tensors)."""
+    route = TensorRoute(lambda tensors: "blob", "serialized_tensors", None)
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_TP=2), tensor_route=route) as engine:
+        assert engine._tensor_route is None
+    with pytest.raises(ValueError, match="tp_size 2"):
+        SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_TP=2), adapter_sync="tensors",
+                     tensor_route=route)
+    settings = settings_for(tmp_path, journal)
+    settings.gpu = 3
+    with SGLangEngine(settings=settings, tensor_route=route) as engine:
+        assert engine._tensor_route is None
+    with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route) as launched, \
+            SGLangEngine(url=launched.url, tensor_route=route) as attached:
+        assert launched._tensor_route is route and attached._tensor_route is None
+
+
+def test_protocol_a_remote_server_needs_a_shared_adapter_directory(tmp_path):
+    from abs_fast.train import TrainConfig
+
+    with pytest.raises(ValueError, match="sglang_adapter_dir"):
+        SGLangEngine(url="http://10.1.2.3:30000")
+    with pytest.raises(ValueError, match="sglang_adapter_dir"):
+        TrainConfig(model="tiny", rollout_engine="sglang", sglang_url="http://gpu-node:30000").validate()
+    TrainConfig(model="tiny", rollout_engine="sglang", sglang_url="http://gpu-node:30000",
+                sglang_adapter_dir=str(tmp_path)).validate()
+    TrainConfig(model="tiny", rollout_engine="sglang", sglang_url="http://127.0.0.1:30000").validate()
+
+
+def test_protocol_rank_and_alpha_patterns_are_folded_for_sglangs_loader(rng_seed):
+    """SGLang reads one r and one lora_alpha: modules padded to the largest rank, their own scale folded
+    into B; every module's B A (times the scale SGLang will apply) is unchanged."""
+    from abs_fast.rollout.sglang import fold_patterns
+
+    gen = torch.Generator().manual_seed(rng_seed)
+    prefix = "base_model.model.model.layers.0."
+    shapes = {"self_attn.q_proj": (4, 8, 6), "mlp.down_proj": (2, 5, 7)}  # rank, out, in
+    tensors = {}
+    for module, (rank, out, inp) in shapes.items():
+        tensors[f"{prefix}{module}.lora_A.weight"] = torch.randn(rank, inp, generator=gen)
+        tensors[f"{prefix}{module}.lora_B.weight"] = torch.randn(out, rank, generator=gen)
+    for rslora in (False, True):
+        config = {"r": 4, "lora_alpha": 8.0, "rank_pattern": {"model.layers.0.mlp.down_proj": 2},
+                  "alpha_pattern": {"model.layers.0.mlp.down_proj": 3.0}, "use_rslora": rslora}
+        folded, out = fold_patterns(config, tensors)
+        assert folded["r"] == 4 and folded["lora_alpha"] == 4 and not folded["rank_pattern"]
+        assert not folded["alpha_pattern"] and not folded["use_rslora"]
+        for module, (rank, _, _) in shapes.items():
+            a, b = tensors[f"{prefix}{module}.lora_A.weight"], tensors[f"{prefix}{module}.lora_B.weight"]
+            alpha = 3.0 if "down" in module else 8.0
+            want = (b @ a) * alpha / (rank ** 0.5 if rslora else rank)
+            a2, b2 = out[f"{prefix}{module}.lora_A.weight"], out[f"{prefix}{module}.lora_B.weight"]
+            assert a2.shape[0] == 4 and b2.shape[1] == 4
+            torch.testing.assert_close(b2 @ a2 * (folded["lora_alpha"] / folded["r"]), want)
+    plain = {"r": 4, "lora_alpha": 8.0, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
+    assert fold_patterns(plain, tensors) == (plain, tensors)

@@ -74,7 +74,12 @@ def peft_adapter_state(layers: dict[str, MultiLoRALinear], name: str, base_model
 def save_peft_adapter(layers: dict[str, MultiLoRALinear], name: str, directory: str | Path,
                       base_model_name_or_path: str | None = None) -> Path:
     """Write adapter `name` of `layers` (module path -> layer) to `directory` atomically."""
-    config, tensors = peft_adapter_state(layers, name, base_model_name_or_path)
+    return write_peft_adapter(directory, *peft_adapter_state(layers, name, base_model_name_or_path))
+
+
+def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with replace_directory(directory) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -29,6 +29,7 @@ import http.client
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -117,6 +118,11 @@ def server_command(settings: ServerSettings, port: int) -> list[str]:
     if settings.max_loras_per_batch is not None and settings.max_loras_per_batch < 3:
         raise ValueError(f"max_loras_per_batch must be >= 3 (attacker, defender and the base in one batch), got "
                          f"{settings.max_loras_per_batch}")
+    for option in ("--dp", "--dp-size", "--data-parallel-size"):
+        if any(arg == option or arg.startswith(option + "=") for arg in settings.extra_args):
+            raise ValueError(f"extra server args must not set {option}: SGLang's data-parallel controller does not "
+                             "load LoRA adapters (every load answers HTTP 500); run one server per GPU (torchrun "
+                             "launches one per rank) or put several behind sglang-router")
     for option in ("--host", "--port", "--enable-lora", "--lora-paths", "--api-key", "--admin-api-key"):
         if any(arg == option or arg.startswith(option + "=") for arg in settings.extra_args):
             if option.endswith("api-key"):
@@ -133,6 +139,52 @@ def server_command(settings: ServerSettings, port: int) -> list[str]:
     if settings.tokenizer_path:
         command += ["--tokenizer-path", str(settings.tokenizer_path)]
     return command + list(settings.extra_args)
+
+
+# switches SGLang's returned log-probs to pre-temperature values; renamed between 0.5.3 and 0.5.6
+_ORIGINAL_LOGPROB_VARIABLES = ("RETURN_ORIGINAL_LOGPROB", "SGLANG_RETURN_ORIGINAL_LOGPROB")
+MIN_SGLANG_VERSION = (0, 5, 1)  # LoRA-aware radix cache: below it, adapters share each other's cached prefixes
+
+
+def server_environment(settings: ServerSettings) -> dict[str, str]:
+    """The launched server's environment: ours and the settings', without either name of the
+    original-log-prob switch (the engine's log-probs must be those of the tempered distribution)."""
+    env = {**os.environ, **settings.env}
+    for name in _ORIGINAL_LOGPROB_VARIABLES:
+        env.pop(name, None)
+    return env
+
+
+def fold_patterns(config: dict, tensors: dict) -> tuple[dict, dict]:
+    """An adapter SGLang's loader reads right. It takes one r and one lora_alpha for every module and
+    ignores rank_pattern, alpha_pattern and use_rslora, so: every module padded with zeros to the
+    largest rank, each module's own scale (alpha_i / r_i, or alpha_i / sqrt(r_i) with rsLoRA) folded
+    into B, and lora_alpha = r (scale 1). The products B A x are unchanged."""
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rslora = bool(config.get("use_rslora"))
+    if not ranks and not alphas and not rslora:
+        return config, tensors
+    from abs_fast.model.adapters import _pattern_value
+
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    r_max = max([r, *(int(v) for v in ranks.values())])
+    out = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        stem = key[: -len(".lora_A.weight")]
+        module = stem.split("base_model.model.", 1)[-1]
+        b = tensors[stem + ".lora_B.weight"]
+        rank = a.shape[0]
+        module_alpha = float(_pattern_value(alphas, module, alpha))
+        scale = module_alpha / (rank ** 0.5 if rslora else rank)
+        padded_a = a.new_zeros(r_max, a.shape[1])
+        padded_a[:rank] = a
+        padded_b = b.new_zeros(b.shape[0], r_max)
+        padded_b[:, :rank] = b * scale
+        out[stem + ".lora_A.weight"], out[stem + ".lora_B.weight"] = padded_a, padded_b
+    folded = {**config, "r": r_max, "lora_alpha": r_max, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
+    return folded, out
 
 
 def _ram_directory() -> Path:
@@ -163,8 +215,7 @@ class _Server:
     def start(self) -> None:
         port = free_port()
         command = server_command(self.settings, port)
-        env = {**os.environ, **self.settings.env}
-        env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # it switches log-probs to pre-temperature values
+        env = server_environment(self.settings)
         if self.settings.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.settings.gpu)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -209,19 +260,26 @@ class _Server:
             process.wait(timeout=30)
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether `url` names this machine (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+    import urllib.parse
+
+    host = urllib.parse.urlparse(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_key_transport(url: str) -> None:
     """A bearer key travels only over https or to this machine (loopback), unless
     SGLANG_ALLOW_PLAIN_HTTP_KEY=1 says the network between is trusted."""
-    import ipaddress
     import urllib.parse
 
     parsed = urllib.parse.urlparse(url)
     host = parsed.hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if parsed.scheme == "https" or loopback or os.environ.get("SGLANG_ALLOW_PLAIN_HTTP_KEY") == "1":
+    if parsed.scheme == "https" or is_loopback_url(url) or os.environ.get("SGLANG_ALLOW_PLAIN_HTTP_KEY") == "1":
         return
     raise ValueError(f"SGLANG_API_KEY would be sent in clear over {parsed.scheme}:// to {host}: use an https:// URL "
                      "for sglang_url, a server on 127.0.0.1, or set SGLANG_ALLOW_PLAIN_HTTP_KEY=1 if the network is "
@@ -252,6 +310,19 @@ def _http(url: str, payload: dict | None = None, timeout: float = 60.0, key: str
         return status, text
 
 
+def _error_text(answer) -> str:
+    """The message of an SGLang error body: {"error": "..."} or {"error": {"message": ...}} (OpenAI
+    style), {"detail": ...} (FastAPI), {"message": ...} / {"error_message": ...}; else the body."""
+    if isinstance(answer, dict):
+        for key in ("error", "detail", "error_message", "message"):
+            value = answer.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or value
+            if value:
+                return str(value)
+    return str(answer)
+
+
 def _auth_hint(status: int) -> str:
     """What to do about a refused key (the key itself is never printed)."""
     if status == 401:
@@ -265,6 +336,10 @@ def _auth_hint(status: int) -> str:
 
 def _sampling_dict(params: SamplingParams, eos_token_ids: Sequence[int]) -> dict:
     """Every SGLang sampling value, explicitly (so none comes from the model's generation_config)."""
+    if params.ignore_eos and params.stop_token_ids:
+        raise ValueError(f"ignore_eos=True with stop_token_ids={list(params.stop_token_ids)}: SGLang's ignore_eos also "
+                         "switches stop_token_ids off, so these rows would not stop where the embedded engine stops; "
+                         "drop one of them")
     stop_ids = list(params.stop_token_ids)
     if not params.ignore_eos:
         stop_ids += [i for i in eos_token_ids if i not in stop_ids]
@@ -360,6 +435,10 @@ class SGLangEngine:
         self.request_timeout = request_timeout
         self.push_adapters = push_adapters
         self.name_tag = name_tag or uuid.uuid4().hex[:8]
+        remote = [u for u in [url or "", *(worker_urls or ())] if u and not is_loopback_url(u)]
+        if remote and adapter_dir is None:
+            raise ValueError(f"{remote[0]} is another machine: it cannot read adapter files from this machine's "
+                             "/dev/shm; set sglang_adapter_dir to storage both machines share")
         self._own_dir = adapter_dir is None
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else _ram_directory()
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
@@ -382,14 +461,25 @@ class SGLangEngine:
             self.url = url.rstrip("/")
             self._check_attached()
         self.worker_urls = [u.rstrip("/") for u in worker_urls] if worker_urls else [self.url]
+        self.server_version, self.tp_size = None, 1
+        for worker in self.worker_urls:
+            self.server_version, self.tp_size = self._check_server_info(worker)
         self.adapter_sync = adapter_sync
+        # tensors travel as CUDA IPC handles that name a device by index: only a server this engine
+        # launched, on this host, seeing the same device index, with one tensor-parallel rank
+        tensors_ok = settings is not None and settings.gpu in (None, 0) and self.tp_size == 1
+        if adapter_sync == "tensors" and not tensors_ok:
+            where = "launched" if settings is not None else "attached"
+            raise ValueError("adapter_sync='tensors' needs a server abs-fast launched on this host, on its first "
+                             f"visible GPU, with one tensor-parallel rank (this one: {where}, tp_size {self.tp_size}); "
+                             "use adapter_sync='files' or 'auto'")
         self._tensor_route = tensor_route
-        if adapter_sync != "files" and tensor_route is None:
-            self._tensor_route = TensorRoute.detect()
+        if adapter_sync != "files" and tensor_route is None and tensors_ok:
+            self._tensor_route = TensorRoute.detect(self.tp_size)
         if adapter_sync == "tensors" and self._tensor_route is None:
             raise ValueError("adapter_sync='tensors': the installed sglang has no load_lora_adapter_from_tensors (or "
                              "sglang is not importable here); use adapter_sync='files'")
-        if adapter_sync == "files":
+        if adapter_sync == "files" or not tensors_ok:
             self._tensor_route = None
         # runs on close(), when the engine is collected, or at interpreter exit: no orphaned server
         self._finalizer = weakref.finalize(self, SGLangEngine._cleanup, self._server, self.adapter_dir, self._own_dir)
@@ -438,6 +528,35 @@ class SGLangEngine:
         if status != 200:
             raise SGLangServerError(f"the SGLang server at {self.url} is not healthy (/health gave HTTP {status}: "
                                     f"{body}){_auth_hint(status)}")
+
+    def _check_server_info(self, url: str) -> tuple[str | None, int]:
+        """(version, tp_size) from /get_server_info (/server_info on newer servers). Refuses a server
+        older than MIN_SGLANG_VERSION unless its radix cache is off, and one with dp_size > 1."""
+        info = None
+        for route in ("/get_server_info", "/server_info"):
+            try:
+                status, body = _http(url + route, timeout=30, key=self._api_key)
+            except _ServerFailure as err:
+                raise SGLangServerError(f"cannot read {url}{route}: {err}") from None
+            if status == 200 and isinstance(body, dict):
+                info = body
+                break
+        if info is None:
+            logger.warning("%s does not say its SGLang version (no /get_server_info): make sure it is %s or newer, "
+                           "or runs with --disable-radix-cache", url, ".".join(map(str, MIN_SGLANG_VERSION)))
+            return None, 1
+        version = str(info.get("version") or "")
+        numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:3])
+        if numbers and numbers < MIN_SGLANG_VERSION and not info.get("disable_radix_cache"):
+            raise SGLangServerError(
+                f"{url} runs SGLang {version}, whose radix cache keys on token ids alone: the attacker, the defender "
+                f"and the base share chat-template prefixes and would reuse each other's KV cache (wrong tokens and "
+                f"log-probs, no error). Use SGLang {'.'.join(map(str, MIN_SGLANG_VERSION))} or newer, or start it "
+                "with --disable-radix-cache")
+        if int(info.get("dp_size") or 1) > 1:
+            raise SGLangServerError(f"{url} runs with dp_size={info.get('dp_size')}: SGLang's data-parallel controller "
+                                    "does not load LoRA adapters; use one server per GPU behind sglang-router")
+        return version or None, int(info.get("tp_size") or 1)
 
     def _failure(self, what: str) -> SGLangServerError:
         if self._server is None:
@@ -501,7 +620,8 @@ class SGLangEngine:
         if self._tensor_route is not None and policy is not None and version.path is None:
             from abs_fast.model.adapters import peft_adapter_state
 
-            config, tensors = peft_adapter_state(policy.target_layers(), adapter, policy.source, to_cpu=False)
+            config, tensors = fold_patterns(*peft_adapter_state(policy.target_layers(), adapter, policy.source,
+                                                                to_cpu=False))
             # copies: the server maps what it is sent, and the optimizer updates the parameters in place
             body = self._tensor_route.body(version.name, config, {k: v.clone() for k, v in tensors.items()})
             failures = self._post_all("/load_lora_adapter_from_tensors", body)
@@ -512,10 +632,10 @@ class SGLangEngine:
             logger.warning(f"SGLang's tensor route failed ({failures[0]}); adapters go through files from now on")
             self._tensor_route = None
         if version.path is None:
-            from abs_fast.model.adapters import save_peft_adapter
+            from abs_fast.model.adapters import peft_adapter_state, write_peft_adapter
 
-            version.path = str(save_peft_adapter(policy.target_layers(), adapter, self.adapter_dir / version.name,
-                                                 policy.source))
+            state = fold_patterns(*peft_adapter_state(policy.target_layers(), adapter, policy.source))
+            version.path = str(write_peft_adapter(self.adapter_dir / version.name, *state))
         failures = self._post_all("/load_lora_adapter", {"lora_name": version.name, "lora_path": version.path})
         if failures:
             raise SGLangRequestError(f"loading adapter {version.name!r} from {version.path} failed: {failures[0]}")
@@ -539,8 +659,7 @@ class SGLangEngine:
                 raise self._failure(f"{route} on {url} failed: {err}") from None
             ok = status == 200 and not (isinstance(answer, dict) and answer.get("success") is False)
             if not ok:
-                message = answer.get("error_message") or answer.get("message") if isinstance(answer, dict) else answer
-                failures.append(f"{url}{route}: HTTP {status}: {message}{_auth_hint(status)}")
+                failures.append(f"{url}{route}: HTTP {status}: {_error_text(answer)}{_auth_hint(status)}")
         return failures
 
     # --- generation ----------------------------------------------------------------------------
@@ -600,9 +719,7 @@ class SGLangEngine:
             try:
                 status, outputs = _http(self.url + "/generate", payload, timeout=self.request_timeout,
                                         key=self._api_key)
-                failure = None
-                if status >= 500:
-                    failure = f"/generate gave HTTP {status}: {outputs}"
+                failure = None  # the server answered: an error status is the request's, never a restart
             except _ServerFailure as err:
                 failure = str(err)
                 if "timed out" in failure.lower():
@@ -611,8 +728,8 @@ class SGLangEngine:
                 self._release(names)
             if failure is None:
                 if status != 200:
-                    raise SGLangRequestError(f"/generate at {self.url} refused the wave: HTTP {status}: {outputs}"
-                                             f"{_auth_hint(status)}")
+                    raise SGLangRequestError(f"/generate at {self.url} refused the wave: HTTP {status}: "
+                                             f"{_error_text(outputs)}{_auth_hint(status)}")
                 return self._results(requests, payload["rid"], outputs)
             if self._server is None or attempt == 1:
                 raise self._failure(f"/generate at {self.url} failed{' again after a restart' if attempt else ''}: "

@@ -154,6 +154,12 @@ class TrainConfig:
         if self.rollout_engine == "sglang" and not self.sglang_url and require_model and not Path(self.model).is_dir():
             raise ValueError(f"rollout_engine=sglang launches an SGLang server on model={self.model!r}, which is not a "
                              "local checkpoint directory; pass --model DIR, or sglang_url=URL of a running server")
+        from abs_fast.rollout.sglang import is_loopback_url
+
+        if self.rollout_engine == "sglang" and not self.sglang_adapter_dir and any(
+                not is_loopback_url(u) for u in [self.sglang_url, *self.sglang_worker_urls] if u):
+            raise ValueError("sglang_url names another machine, which cannot read adapter files from this machine's "
+                             "/dev/shm: set sglang_adapter_dir to storage both machines share")
         if self.sglang_worker_urls and not self.sglang_url:
             raise ValueError("sglang_worker_urls lists the servers behind a router: set sglang_url to the router too")
         for name in ("sglang_startup_timeout", "sglang_request_timeout"):
