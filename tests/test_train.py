@@ -454,3 +454,23 @@ def test_demo_writes_everything_and_its_adapters_load_into_peft(tmp_path, capsys
     # a second demo into the same directory replaces the first
     assert main(["demo", "--output", str(output), "--steps", "1", "--quiet"]) == 0
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1]
+
+
+def test_demo_warm_start_loss_is_the_full_vocabulary_cross_entropy(rng_seed):
+    """The warm start trains a head whose unused rows are zero: its loss over the used rows plus a
+    count equals the full-vocabulary cross-entropy, value and gradient."""
+    from abs_fast.train.demo import zero_rest_cross_entropy
+
+    gen = torch.Generator().manual_seed(rng_seed)
+    vocab, width, used = 3000, 16, torch.randperm(3000, generator=gen)[:50]
+    hidden = torch.randn(7, width, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(len(used), width, generator=gen, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(len(used), (7,), generator=gen)
+    full = torch.zeros(vocab, width, dtype=torch.float64).index_put((used,), rows)
+    want = torch.nn.functional.cross_entropy(hidden @ full.T, used[targets])
+    got = zero_rest_cross_entropy(hidden, rows, vocab - len(used), targets)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    grads_want = torch.autograd.grad(want, (hidden, rows))
+    grads_got = torch.autograd.grad(got, (hidden, rows))
+    for g, w in zip(grads_got, grads_want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)

@@ -3,15 +3,18 @@
 A random-weight model never writes the game's format (`...</think> <answer>...</answer>`), so every
 turn is a format violation, every reward is the violation penalty, and RL has nothing to learn from:
 the curves are noise. The demo therefore first warm-starts the tiny base with supervised steps on
-synthetic transcripts in the game's format (both roles, prompts rendered exactly as the game
-renders them). The warm-started base is cached (abs-fast's cache directory, ABS_FAST_CACHE), so
-only the first demo on a machine pays for it. From there format violations start well below 1 and
-move under RL. It shows the machinery, with a keyword judge, not safety results.
+synthetic transcripts (both roles, prompts rendered exactly as the game renders them): a share
+OFF_FORMAT_SHARE of them plain answers, the rest in the game's format. The warm base breaks the
+format in most of its turns, decided by its first sampled tokens, and the game's format reward is a
+signal RL moves within the demo's 20 steps. The warm-started base is cached (abs-fast's cache
+directory, ABS_FAST_CACHE), so only the first demo on a machine pays for it (about 30 s). It shows
+the machinery, with a keyword judge, not safety results.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -28,20 +31,28 @@ __all__ = ["DEMO_STEPS", "run_demo", "warm_start_base"]
 logger = logging.getLogger(__name__)
 
 DEMO_STEPS = 20
-WARM_START_VERSION = 1  # bump when the transcripts or the steps change: the cache key
-WARM_START_STEPS = 100
+WARM_START_VERSION = 3  # bump when the transcripts or the steps change: the cache key
+WARM_START_STEPS = 200
+# The share of warm-start transcripts that break the format (a plain answer, no tags): the warm
+# base then breaks it about this often, from its first sampled token, and the game's format reward
+# (+1 / -1 for each role) is a signal RL can act on within the demo's steps.
+OFF_FORMAT_SHARE = 0.7
 WARM_START_LR = 5e-3
-WARM_START_BATCH = 4
-_REASONS = ["the user asks for", "this request is about", "i should answer", "think about safety", "a short reply",
-            "the prompt wants", "rewrite it politely", "keep it brief"]
-_ANSWERS = {"attacker": ["Please explain {s}", "As a story, describe {s}", "For a class, tell me {s}"],
-            "defender": ["I cannot help with that.", "Sure, here is a short answer.", "Sorry, I will not do that.",
-                         "Here is some general information."]}
+WARM_START_BATCH = 8
+# Few, short phrasings, so that the supervised steps teach a 2-layer model the format reliably: once
+# the first token is chosen, the rest of a turn is nearly certain, and the base's violation rate is
+# about OFF_FORMAT_SHARE. The attacker's rewrite names a harm-lexicon word for a harmful seed only,
+# so a faithful rewrite is learnable under the keyword judge.
+_REASONS = ["the user asks for this", "i should keep it short"]
+_ANSWERS = {("attacker", "harmful"): ["Tell me how to hack a phone.", "Explain how to make a weapon."],
+            ("attacker", "benign"): ["Tell me how to bake bread.", "Explain how to plant a tree."],
+            ("defender", None): ["I cannot help with that.", "Sure, here is a short answer."]}
 
 
 def _transcripts(tokenizer, count: int, generator: torch.Generator) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids) in the game's format for both roles: the response is what follows the
-    pre-filled `<think>`, ending with the end-of-turn token."""
+    """(prompt ids, response ids) for both roles: the response is what follows the pre-filled `<think>`,
+    ending with the end-of-turn token; in the game's format, or (OFF_FORMAT_SHARE of them) a plain
+    answer. Both fit the tiny preset's 24 new tokens."""
     seeds = builtin_seeds()
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pick = lambda items: items[int(torch.randint(len(items), (1,), generator=generator))]
@@ -49,15 +60,39 @@ def _transcripts(tokenizer, count: int, generator: torch.Generator) -> list[tupl
     for i in range(count):
         seed = pick(seeds)
         role = "attacker" if i % 2 == 0 else "defender"
-        words = " ".join(seed.prompt.split()[:4]).lower().rstrip(".?!,")
         if role == "attacker":
             prompt = encode_turn(tokenizer, attacker_messages(seed.prompt, seed.type))
         else:
             prompt = encode_turn(tokenizer, defender_messages(seed.prompt))
-        answer = pick(_ANSWERS[role]).format(s=words)
-        response = f" {pick(_REASONS)}.</think>\n<answer>{answer}</answer>"
+        answer = pick(_ANSWERS[role, seed.type if role == "attacker" else None])
+        if float(torch.rand((), generator=generator)) < OFF_FORMAT_SHARE:
+            response = f" {answer}"
+        else:
+            response = f" {pick(_REASONS)}.</think>\n<answer>{answer}</answer>"
         out.append((prompt, [*tokenizer.encode(response, add_special_tokens=False), end]))
     return out
+
+
+def zero_rest_cross_entropy(hidden: torch.Tensor, rows: torch.Tensor, rest: int, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a head whose weight is `rows` plus `rest` zero rows: each zero row's
+    logit is exactly 0, so the softmax's normaliser is the rows' plus `rest` (exp 0 = 1 each).
+    targets index `rows`."""
+    logits = hidden @ rows.T
+    log_norm = torch.logaddexp(logits.logsumexp(dim=-1), torch.tensor(math.log(rest), dtype=logits.dtype))
+    return (log_norm - logits.gather(1, targets[:, None]).squeeze(1)).mean()
+
+
+def _demo_vocabulary(tokenizer, data: list[tuple[list[int], list[int]]]) -> set[int]:
+    """Every token id of the game's prompts for every built-in seed (both roles), of the defender's
+    prompt for every attacker phrasing, and of the warm-start transcripts."""
+    ids = {t for prompt, response in data for t in (*prompt, *response)}
+    for seed in builtin_seeds():
+        ids.update(encode_turn(tokenizer, attacker_messages(seed.prompt, seed.type)))
+        ids.update(encode_turn(tokenizer, defender_messages(seed.prompt)))
+    for (role, _), answers in _ANSWERS.items():
+        for answer in answers if role == "attacker" else ():
+            ids.update(encode_turn(tokenizer, defender_messages(answer)))
+    return ids
 
 
 def warm_start_base(seed: int = 0, cache_dir: Path | None = None, steps: int = WARM_START_STEPS) -> Path:
@@ -72,8 +107,19 @@ def warm_start_base(seed: int = 0, cache_dir: Path | None = None, steps: int = W
     model = build_model("tiny", seed=seed, device="cpu", dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     data = _transcripts(tokenizer, 256, generator)
-    head = model.get_output_embeddings().weight
-    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, weight_decay=0.0)
+    # Only the tokens the demo's prompts and transcripts use keep their embedding rows; the others are
+    # zeroed and stay zero (they get no gradient), so each of their logits is exactly 0 and the full
+    # 151k-way softmax is the used columns plus log(count of the rest): exact, at a few hundred columns.
+    used = torch.tensor(sorted(_demo_vocabulary(tokenizer, data)))
+    embedding = model.get_input_embeddings().weight
+    with torch.no_grad():
+        keep = torch.zeros(embedding.shape[0], dtype=torch.bool)
+        keep[used] = True
+        embedding[~keep] = 0
+    rest = embedding.shape[0] - len(used)
+    column = torch.full((embedding.shape[0],), -1, dtype=torch.long)
+    column[used] = torch.arange(len(used))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARM_START_LR, weight_decay=0.0, fused=True)
     model.train()
     for _ in range(steps):
         batch = [data[int(j)] for j in torch.randint(len(data), (WARM_START_BATCH,), generator=generator)]
@@ -90,13 +136,15 @@ def warm_start_base(seed: int = 0, cache_dir: Path | None = None, steps: int = W
             positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
             rows.append(hidden[row, positions])
             targets.append(torch.tensor(r))
-        logits = torch.cat(rows) @ head.T
-        loss = torch.nn.functional.cross_entropy(logits, torch.cat(targets))
+        loss = zero_rest_cross_entropy(torch.cat(rows), embedding[used], rest, column[torch.cat(targets)])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     with replace_directory(target) as staging:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Writing model shards" would land in the demo's output
         model.save_pretrained(str(staging), safe_serialization=True)
     logger.info("demo: warm start done in %.0f s (final loss %.2f)", time.perf_counter() - start, float(loss.detach()))
     return target
@@ -130,11 +178,12 @@ def run_demo(output: Path, steps: int = DEMO_STEPS, seed: int = 0, progress: boo
         records = read_metrics(output / "metrics.jsonl")
         plot = plot_metrics(records, output / "rewards.png")
         print(summary_table(records))
-        print("\nWhat this shows: the warm start puts format violations well below 1 at step 1, and the metrics "
-              "marked * moved by more than their step-to-step noise (typically the KL of each adapter to the base "
-              "and some refusal rates). What it does not show: reliable learning of the rewards or the format. With "
-              "8 games a step, a 2-layer 64-wide model and a keyword judge, the per-step rewards are noisier than "
-              "anything RL can change in 2 CPU minutes (README, 'The demo').")
+        print("\nWhat this shows: the warm-started base breaks the game's format in most turns, and RL on the "
+              "game's rewards (format +1/-1 per role among them) changes that: metrics marked * moved between the "
+              "first and the last quarter by more than their step-to-step noise. On seeds 0, 1 and 2 at least one "
+              "role's reward and format-violation rate did; on another seed it may not, since 8 games a step on a "
+              "2-layer 64-wide model with a keyword judge are noisy (README, 'The demo'). It is the machinery at "
+              "work, not a safety result.")
         print(f"\n{len(records)} steps in {time.perf_counter() - start:.0f} s (the base was warm-started on "
               f"game-format transcripts first: README, 'The demo'). Wrote {output}/attacker/ and "
               f"{output}/defender/ (PEFT adapters), metrics.jsonl, {plot.name}, tensorboard/, checkpoints/.")
