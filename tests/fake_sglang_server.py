@@ -22,6 +22,15 @@ Faults, for the restart tests: FAKE_SGLANG_CRASH_ONCE_FILE / FAKE_SGLANG_HANG_ON
 whose existence makes the next /generate crash the process / hang; it is deleted first),
 FAKE_SGLANG_CRASH_ALWAYS=1, FAKE_SGLANG_GENERATE_DELAY (seconds), FAKE_SGLANG_REVERSE=1 (outputs in
 reverse order), FAKE_SGLANG_GENERATE_500=MESSAGE (HTTP 500 with an OpenAI-style error body).
+Aborts, as SGLang 0.5.23 reports them: FAKE_SGLANG_ABORT_FIRST_TOKEN=ID aborts each request whose
+prompt starts with ID (its output's finish_reason is {"type": "abort", "message": ...}, the rest of
+the batch completes); FAKE_SGLANG_ABORT_STATUS_FIRST_TOKEN=ID aborts such requests with HTTP status
+400, which SGLang turns into a failure of the whole call ({"error": {"message": ...}}).
+Error bodies are SGLang's: {"error": {"message": ...}} for a refused request (its ValueError path),
+{"detail": ...} for an unknown route, {"success": false, "error_message": ...} for adapter routes.
+The tensor route takes base64 safetensors here, not SGLang's ForkingPickler blob (CUDA IPC handles
+cannot cross to a CPU stand-in): tests/test_sglang_contract.py checks the real payload against
+SGLang's own serializer.
 FAKE_SGLANG_JOURNAL: every request is appended there as a JSON line.
 Keys, as SGLang's --api-key / --admin-api-key decide them: FAKE_SGLANG_API_KEY guards /generate;
 the adapter routes want FAKE_SGLANG_ADMIN_API_KEY when it is set, else FAKE_SGLANG_API_KEY; /health
@@ -51,7 +60,7 @@ def fake_generation(prompt: list[int], signature: float, params: dict) -> tuple[
     seed = (sum(prompt) * 1_000_003 + len(prompt) * 7 + round(signature * 1e4)) % 2**31
     n = 1 + seed % max_new
     tokens = [(seed + 7919 * j) % 1000 + 10 for j in range(n)]
-    if n < max_new and params["stop_token_ids"]:
+    if n < max_new and params["stop_token_ids"] and not params.get("ignore_eos"):  # SGLang: ignore_eos drops them
         tokens.append(params["stop_token_ids"][0])
         reason = {"type": "stop", "matched": params["stop_token_ids"][0]}
     else:
@@ -121,7 +130,7 @@ def _make_handler(state: _State):
             try:
                 body = json.loads(raw or b"null")
             except json.JSONDecodeError:
-                return self._send(400, {"message": "body is not JSON"})
+                return self._send(400, {"error": {"message": "body is not JSON"}})
             route = {"/generate": self._generate, "/load_lora_adapter": self._load,
                      "/unload_lora_adapter": self._unload, "/load_lora_adapter_from_tensors": self._load_tensors}
             handler = route.get(self.path)
@@ -204,7 +213,7 @@ def _make_handler(state: _State):
             time.sleep(float(os.environ.get("FAKE_SGLANG_GENERATE_DELAY", "0")))
             prompts = body.get("input_ids")
             if not isinstance(prompts, list) or not all(isinstance(p, list) for p in prompts):
-                return self._send(400, {"message": "input_ids must be a list of token id lists"})
+                return self._send(400, {"error": {"message": "input_ids must be a list of token id lists"}})
             n = len(prompts)
             params = body.get("sampling_params")
             params = [params] * n if isinstance(params, dict) else params
@@ -212,22 +221,35 @@ def _make_handler(state: _State):
             loras = [loras] * n if not isinstance(loras, list) else loras
             rids = body.get("rid") or [f"fake-{i}" for i in range(n)]
             if len(params) != n or len(loras) != n or len(rids) != n:
-                return self._send(400, {"message": "sampling_params, lora_path and rid need one entry per input"})
+                return self._send(400, {"error": {"message": "sampling_params, lora_path and rid need one entry per "
+                                                             "input"}})
             if body.get("return_logprob") is not True:
-                return self._send(400, {"message": "this fake only serves return_logprob=true"})
+                return self._send(400, {"error": {"message": "this fake only serves return_logprob=true"}})
             for i, p in enumerate(params):
                 missing = [k for k in SAMPLING_KEYS if k not in p]
                 if missing:
-                    return self._send(400, {"message": f"item {i}: sampling values not set explicitly: {missing}"})
+                    return self._send(400, {"error": {"message": f"item {i}: sampling values not set explicitly: "
+                                                                 f"{missing}"}})
             with state.lock:
                 unknown = sorted({name for name in loras if name is not None and name not in state.adapters})
                 signatures = [0.0 if name is None else state.adapters.get(name, 0.0) for name in loras]
             if unknown:
-                return self._send(400, {"message": f"LoRA adapters not loaded: {unknown}"})
+                return self._send(400, {"error": {"message": f"LoRA adapters not loaded: {unknown}"}})
             if len(set(loras)) > state.args.max_loras_per_batch:
-                return self._send(400, {"message": "more adapters in the batch than --max-loras-per-batch"})
+                return self._send(400, {"error": {"message": "more adapters in the batch than --max-loras-per-batch"}})
+            abort_status = os.environ.get("FAKE_SGLANG_ABORT_STATUS_FIRST_TOKEN")
+            if abort_status and any(p and p[0] == int(abort_status) for p in prompts):
+                return self._send(400, {"error": {"message": "The input is longer than the model's context length "
+                                                             "(fake abort with status 400)"}})
+            abort_first = os.environ.get("FAKE_SGLANG_ABORT_FIRST_TOKEN")
             outputs = []
             for prompt, p, signature, rid in zip(prompts, params, signatures, rids, strict=True):
+                if abort_first and prompt and prompt[0] == int(abort_first):
+                    outputs.append({"text": "", "output_ids": [], "meta_info": {
+                        "id": rid, "finish_reason": {"type": "abort", "message": "fake abort: scheduler dropped it"},
+                        "prompt_tokens": len(prompt), "completion_tokens": 0, "cached_tokens": 0,
+                        "output_token_logprobs": []}})
+                    continue
                 tokens, logprobs, reason = fake_generation(prompt, signature, p)
                 outputs.append({
                     "text": " ".join(f"t{t}" for t in tokens), "output_ids": tokens,
@@ -260,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.host != "127.0.0.1":
         parser.error(f"--host {args.host}: the protocol tests expect 127.0.0.1")
     if "all-linear" in args.lora_target_modules:
-        parser.error("--lora-target-modules all-linear breaks SGLang's LoRA loader")
+        parser.error("--lora-target-modules: the engine names the trained modules, not the all-linear shorthand")
     if args.max_loras_per_batch < 3:
         parser.error("--max-loras-per-batch must hold attacker, defender and base")
     if not Path(args.model_path).exists():

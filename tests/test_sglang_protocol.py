@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -225,22 +224,6 @@ def test_protocol_version_swap_sequence(tmp_path, journal, policy):
     assert sync_seconds > 0
 
 
-def test_protocol_old_version_waits_for_requests_in_flight(tmp_path, journal, policy):
-    settings = settings_for(tmp_path, journal, FAKE_SGLANG_GENERATE_DELAY=1.5)
-    with SGLangEngine(settings=settings) as engine:
-        engine.update_adapters(policy)
-        first = engine.adapter_versions["attacker"]
-        wave = threading.Thread(target=engine.generate, args=([RolloutRequest([1, 2], "attacker")],))
-        wave.start()
-        time.sleep(0.5)  # the wave is now in flight on the old version
-        engine.update_adapters(policy, names=["attacker"])
-        routes = [(e["route"], e["body"].get("lora_name")) for e in read_journal(journal)]
-        assert ("/unload_lora_adapter", first) not in routes
-        wave.join()
-        routes = [(e["route"], e["body"].get("lora_name")) for e in read_journal(journal)]
-        assert routes[-1] == ("/unload_lora_adapter", first)
-
-
 def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy, capsys, caplog):
     from safetensors.torch import save
 
@@ -264,6 +247,22 @@ def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy,
     with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route, adapter_sync="tensors") as engine, \
             pytest.raises(SGLangRequestError, match="from tensors failed"):
         engine.update_adapters(policy)
+    # handles name their GPU by UUID, so a launched server on another visible GPU may take the route
+    settings = settings_for(tmp_path, journal, FAKE_SGLANG_TENSORS=1)
+    settings.gpu = 1
+    with SGLangEngine(settings=settings, tensor_route=route, adapter_sync="tensors") as engine:
+        engine.update_adapters(policy)
+
+
+def test_tensor_route_serializes_one_copy_per_rank():
+    """Each tensor-parallel rank deserializes only its own copy (SGLang's CUDA-IPC refcounting), so
+    the payload holds `copies` separate serializations, not one blob repeated."""
+    calls = []
+    route = TensorRoute(lambda tensors: calls.append(1) or f"blob{len(calls)}", "serialized_named_tensors", 2)
+    body = route.body("a-v1", {"r": 4}, {"w": torch.zeros(2)})
+    assert body["serialized_named_tensors"] == ["blob1", "blob2"] and len(calls) == 2
+    single = TensorRoute(lambda tensors: "blob", "serialized_tensors", None).body("a-v1", {"r": 4}, {})
+    assert single["serialized_tensors"] == "blob"
 
 
 # --- failures -------------------------------------------------------------------------------------
@@ -306,7 +305,7 @@ def test_protocol_server_that_keeps_dying_gives_a_clear_error(tmp_path, journal,
 def test_protocol_hung_server_times_out_and_restarts(tmp_path, journal, policy):
     hang = tmp_path / "hang-once"
     with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_HANG_ONCE_FILE=hang),
-                      request_timeout=3) as engine:
+                      request_timeout=6) as engine:
         engine.update_adapters(policy)
         hang.touch()
         result = engine.generate([RolloutRequest([9, 9], "defender", SamplingParams(max_new_tokens=6))])[0]
@@ -555,8 +554,43 @@ def test_protocol_an_http_error_is_the_requests_not_a_restart(tmp_path, journal,
         assert engine.restarts == 0
 
 
+def test_protocol_an_aborted_request_is_reported_alone(tmp_path, journal, policy):
+    """SGLang aborts one request of a batch (finish_reason abort): that result says so, with the
+    server's message, and the rest of the wave is kept."""
+    requests = [RolloutRequest([99, 1], "attacker"), RolloutRequest([1, 2], "defender"), RolloutRequest([99, 5, 6])]
+    with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_ABORT_FIRST_TOKEN=99),
+                      eos_token_ids=EOS) as engine:
+        engine.update_adapters(policy)
+        results = engine.generate(requests)
+        assert engine.restarts == 0
+    assert [r.finish_reason for r in (results[0], results[2])] == ["abort", "abort"]
+    assert "scheduler dropped it" in results[0].error and results[0].token_ids == []
+    signatures = {name: signature(policy, name) for name in ("attacker", "defender", None)}
+    assert results[1].token_ids == expected(policy, requests[1], signatures)[0]
+    assert len(generate_calls(read_journal(journal))) == 1
+
+
+def test_protocol_an_abort_with_a_status_fails_the_call_then_each_request_alone(tmp_path, journal, policy):
+    """An abort with an HTTP status fails SGLang's whole call: the engine sends the wave's requests one
+    by one, reports the aborted ones per request, and does not restart the healthy server."""
+    requests = [RolloutRequest([99, 1], "attacker"), RolloutRequest([1, 2], "defender"), RolloutRequest([3, 4])]
+    settings = settings_for(tmp_path, journal, FAKE_SGLANG_ABORT_STATUS_FIRST_TOKEN=99)
+    with SGLangEngine(settings=settings, eos_token_ids=EOS) as engine:
+        engine.update_adapters(policy)
+        results = engine.generate(requests)
+        assert engine.restarts == 0
+        with pytest.raises(SGLangRequestError, match="context length"):  # every request refused: the wave fails
+            engine.generate([RolloutRequest([99]), RolloutRequest([99, 3])])
+    assert results[0].finish_reason == "abort" and "context length" in results[0].error
+    signatures = {name: signature(policy, name) for name in ("attacker", "defender", None)}
+    for request, result in zip(requests[1:], results[1:], strict=True):
+        assert result.token_ids == expected(policy, request, signatures)[0]
+    calls = generate_calls(read_journal(journal))
+    assert [len(c["body"]["input_ids"]) for c in calls[:4]] == [3, 1, 1, 1]
+
+
 def test_protocol_error_bodies_are_read_in_every_shape():
-    from abs_fast.rollout.sglang import _error_text
+    from abs_fast.rollout.sglang_server import error_text as _error_text
 
     assert _error_text({"error": "Unauthorized"}) == "Unauthorized"
     assert _error_text({"error": {"message": "bad lora", "code": 400}}) == "bad lora"
@@ -585,8 +619,9 @@ def test_protocol_both_names_of_the_original_logprob_switch_are_cleared(tmp_path
 
 
 def test_protocol_tensor_route_only_for_a_launched_single_rank_server(tmp_path, journal):
-    """Tensors travel as CUDA IPC handles naming a device index: an attached server, a server on
-    another GPU index, or tensor parallelism get files (auto) or a clear refusal (tensors)."""
+    """Tensors travel as CUDA IPC handles (naming their GPU by UUID): an attached server or tensor
+    parallelism get files (auto) or a clear refusal (tensors); a launched server on another visible
+    GPU index keeps the route (a torchrun rank's server sees only its own GPU)."""
     route = TensorRoute(lambda tensors: "blob", "serialized_tensors", None)
     with SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_TP=2), tensor_route=route) as engine:
         assert engine._tensor_route is None
@@ -596,7 +631,7 @@ def test_protocol_tensor_route_only_for_a_launched_single_rank_server(tmp_path, 
     settings = settings_for(tmp_path, journal)
     settings.gpu = 3
     with SGLangEngine(settings=settings, tensor_route=route) as engine:
-        assert engine._tensor_route is None
+        assert engine._tensor_route is route
     with SGLangEngine(settings=settings_for(tmp_path, journal), tensor_route=route) as launched, \
             SGLangEngine(url=launched.url, tensor_route=route) as attached:
         assert launched._tensor_route is route and attached._tensor_route is None

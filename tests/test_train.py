@@ -334,6 +334,27 @@ class _Recording:
         self.engine.update_adapters(policy, names)
 
 
+class _AbortFirst(_Recording):
+    """The first request of every engine call comes back aborted, as a server engine reports it."""
+
+    def generate(self, requests):
+        from abs_fast.rollout import RolloutResult
+
+        results = super().generate(requests)
+        if results:
+            results[0] = RolloutResult([], "", [], "abort", len(requests[0].prompt_ids), error="aborted: test")
+        return results
+
+
+def test_an_aborted_turn_drops_its_game_and_is_counted(tmp_path):
+    trainer = Trainer(_config(tmp_path / "run", "steps=1", "diagnostics_every=0"))
+    trainer.engine = _AbortFirst(trainer.engine)
+    record = trainer.run_step()
+    calls = 2  # wave 1 and wave 2, each with its first turn aborted
+    assert record["games/dropped_aborted"] == calls
+    assert record["samples/defender"] <= record["games"] - calls
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["base-defender", "frozen-defender"])
 def test_attacker_only_defender_prompt(tmp_path, frozen, qwen_tokenizer):
     """attacker-only against the base: the defender gets the raw query (upstream's no_defender_turn),

@@ -51,7 +51,15 @@ def generate_wave(policy, tokenizer, requests: list[RolloutRequest], settings: E
     if not requests:
         return []
     if engine is not None:
-        return engine.generate(requests)
+        results = engine.generate(requests)
+        aborted = [i for i, result in enumerate(results) if result.finish_reason == "abort"]
+        if aborted:  # a metric over the answers that came back would be biased: none is reported
+            from abs_fast.rollout.sglang_server import SGLangRequestError
+
+            raise SGLangRequestError(f"{len(aborted)} of {len(results)} requests were aborted by the server (first: "
+                                     f"request {aborted[0]}: {results[aborted[0]].error}); an evaluation needs every "
+                                     "answer, see the server's log")
+        return results
     longest = max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in requests)
     engine = EmbeddedEngine(policy, tokenizer, max_batch=min(settings.engine_max_batch, len(requests)),
                             max_seq_len=longest + 1, seed=settings.seed, progress=settings.progress)

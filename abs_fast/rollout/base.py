@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 __all__ = ["FINISH_REASONS", "RolloutEngine", "RolloutRequest", "RolloutResult", "SamplingParams"]
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "abort")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ class RolloutRequest:
 class RolloutResult:
     """token_ids: generated ids; logprobs[i]: log-prob of token_ids[i] under the distribution it was
     sampled from (log softmax(logits / temperature), before top-k/top-p filtering; temperature 1
-    for greedy rows); finish_reason: "stop" or "length"; matched_stop: the stop id or string."""
+    for greedy rows); finish_reason: "stop", "length", or "abort" (a server engine refused or
+    dropped this request; `error` says why, and the tokens are empty); matched_stop: the stop id
+    or string."""
 
     token_ids: list[int]
     text: str
@@ -61,6 +63,7 @@ class RolloutResult:
     finish_reason: str
     prompt_tokens: int
     matched_stop: int | str | None = None
+    error: str = ""
 
 
 @runtime_checkable

@@ -76,7 +76,8 @@ def game_metrics(games: list[Game], reasoning: bool) -> dict:
     outcome_counts = Counter(outcome for g in played for outcome in g.outcomes)
     generated = [g for g in played if g.kind == "generated"]
     record: dict = {"games": len(games), "games/generated": len(generated),
-                    "games/dropped_prompt_too_long": sum(g.dropped == "prompt_too_long" for g in games)}
+                    "games/dropped_prompt_too_long": sum(g.dropped == "prompt_too_long" for g in games),
+                    "games/dropped_aborted": sum(g.dropped == "aborted" for g in games)}
     for role in ROLES:
         rewards = [r for g in played if (r := getattr(g, f"{role}_reward")) is not None]
         if rewards:

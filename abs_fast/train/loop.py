@@ -417,6 +417,9 @@ class Trainer:
                 kept.append((game, role, RolloutRequest(prompt, self.adapters[role], self._sampling(role))))
         results = self.engine.generate([request for _, _, request in kept])
         for (game, role, _), result in zip(kept, results, strict=True):
+            if result.finish_reason == "abort":  # the server dropped this turn (its warning names why)
+                game.dropped = "aborted"
+                continue
             yield game, role, result
 
     def _judge(self, games: list[Game]) -> list[Game]:
