@@ -14,7 +14,8 @@ list without "all-linear", at least 3 LoRAs per batch) and serves:
   ([logprob, token_id, None]) and output_ids.
 - POST /load_lora_adapter {lora_name, lora_path}, POST /unload_lora_adapter {lora_name}
 - POST /load_lora_adapter_from_tensors {lora_name, config_dict, serialized_tensors} when
-  FAKE_SGLANG_TENSORS=1 (serialized_tensors: base64 of safetensors bytes), else 404.
+  FAKE_SGLANG_TENSORS=1 (serialized_tensors: base64 of safetensors bytes), else 404;
+  FAKE_SGLANG_TENSORS_CRASH=1 makes that route kill the server (a handle its scheduler cannot map).
 
 The generation rule (`fake_generation`) depends on the prompt, the sampling values and the adapter's
 weights (the sum of its tensors), so a test can tell which adapter version answered.
@@ -169,6 +170,9 @@ def _make_handler(state: _State):
         def _load_tensors(self, body):
             if os.environ.get("FAKE_SGLANG_TENSORS") != "1":
                 return self._send(404, {"detail": "Not Found"})
+            if os.environ.get("FAKE_SGLANG_TENSORS_CRASH") == "1":  # as a scheduler that cannot map a handle
+                print("fake-sglang: RuntimeError: Invalid device_uuid (scheduler exits)", flush=True)
+                os._exit(3)
             from safetensors.torch import load
 
             tensors = load(base64.b64decode(body["serialized_tensors"]))

@@ -254,6 +254,29 @@ def test_protocol_tensor_route_when_the_server_has_it(tmp_path, journal, policy,
         engine.update_adapters(policy)
 
 
+def test_protocol_a_tensor_load_that_kills_the_server_falls_back_to_files(tmp_path, journal, policy, caplog):
+    """A scheduler that cannot map the handles dies: the engine restarts the server it launched and
+    pushes through files from then on, instead of failing the run (adapter_sync=tensors: an error)."""
+    from safetensors.torch import save
+
+    route = TensorRoute(lambda tensors: base64.b64encode(save({k: v.cpu() for k, v in tensors.items()})).decode(),
+                        "serialized_tensors", None)
+    settings = settings_for(tmp_path, journal, FAKE_SGLANG_TENSORS=1, FAKE_SGLANG_TENSORS_CRASH=1)
+    with SGLangEngine(settings=settings, tensor_route=route, eos_token_ids=EOS) as engine:
+        engine.update_adapters(policy)
+        assert engine.restarts == 1 and engine._tensor_route is None
+        engine.update_adapters(policy)  # files from now on: no second restart
+        request = RolloutRequest([5, 6], "attacker", SamplingParams(max_new_tokens=8))
+        result = engine.generate([request])[0]
+        assert engine.restarts == 1
+    signatures = {"attacker": signature(policy, "attacker")}
+    assert result.token_ids == expected(policy, request, signatures)[0]
+    assert any("took the server down" in r.getMessage() for r in caplog.records)
+    with SGLangEngine(settings=settings, tensor_route=route, adapter_sync="tensors") as engine, \
+            pytest.raises(SGLangServerError):
+        engine.update_adapters(policy)
+
+
 def test_tensor_route_serializes_one_copy_per_rank():
     """Each tensor-parallel rank deserializes only its own copy (SGLang's CUDA-IPC refcounting), so
     the payload holds `copies` separate serializations, not one blob repeated."""

@@ -452,12 +452,21 @@ class SGLangEngine:
                                                                 to_cpu=False))
             # copies: the server maps what it is sent, and the optimizer updates the parameters in place
             body = self._tensor_route.body(version.name, config, {k: v.clone() for k, v in tensors.items()})
-            failures = self._post_all("/load_lora_adapter_from_tensors", body)
-            if not failures:
+            try:
+                failures = self._post_all("/load_lora_adapter_from_tensors", body)
+            except SGLangServerError as err:  # the load took the server down (e.g. a handle it cannot map)
+                if self.adapter_sync == "tensors" or self._server is None:
+                    raise
+                logger.warning("SGLang's tensor route took the server down; adapters go through files from now on")
+                self._tensor_route = None
+                self._restart(f"loading {version.name!r} from tensors: {str(err).splitlines()[0]}")
+                failures = []
+            if not failures and self._tensor_route is not None:
                 return
-            if self.adapter_sync == "tensors":
+            if failures and self.adapter_sync == "tensors":
                 raise SGLangRequestError(f"loading adapter {version.name!r} from tensors failed: {failures[0]}")
-            logger.warning(f"SGLang's tensor route failed ({failures[0]}); adapters go through files from now on")
+            if failures:
+                logger.warning(f"SGLang's tensor route failed ({failures[0]}); adapters go through files from now on")
             self._tensor_route = None
         if version.path is None:
             from abs_fast.model.adapters import peft_adapter_state, write_peft_adapter
