@@ -7,12 +7,14 @@ CPU (always), the tiny Qwen2 preset (real 152k vocabulary), fp32:
   extra_info["tokens"] gives tokens/s (report.py prints time ratios).
 - "token logprobs cpu": 512 tokens, hidden 256, vocab 32768: token_logprobs forward+backward
   (baseline) vs log_softmax over full [T, V] logits.
+- "sampler race draw" (CPU, and GPU when lent): the race's exponentials over [8, 152k] as
+  -log(uniform) (baseline, the sampler's) vs torch's exponential_.
 GPU (when lent), the Qwen2.5-7B shape with an NF4 base, bf16:
 - "rollout 7b decode": batch 64 (32 + 32 adapters), 128 new tokens: engine vs HF generate + PEFT
   over bitsandbytes; extra_info["peak_bytes"] holds the peak CUDA memory.
 - "token logprobs 7b": 8192 tokens x vocab 152064 forward+backward vs full logits + log_softmax.
 Run: python -m pytest bench/test_bench_rollout.py --benchmark-only --benchmark-json=rollout.json;
-     python bench/report.py rollout.json --baselines engine,fused
+     python bench/report.py rollout.json --baselines engine,fused,log_uniform
 """
 
 from __future__ import annotations
@@ -115,6 +117,25 @@ def test_cpu_token_logprobs(benchmark, variant):
     benchmark.group = f"token logprobs cpu T={T} K={K} V={V}"
     benchmark.extra_info.update(variant=variant)
     _run(benchmark, _logprob_fn(variant, *_logprob_problem(T, K, V, torch.float32)), rounds=5)
+
+
+@pytest.mark.parametrize("draw", ["log_uniform", "exponential_"])
+def test_sampler_race_draw(benchmark, draw):
+    """The exponentials of the sampler's race over [8, 152k] rows: -log(uniform) (sample_next's draw,
+    the baseline) against torch's exponential_ (its former draw), each followed by the race."""
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    probs = torch.softmax(torch.randn(8, 151936, device=DEVICE), dim=-1)
+    benchmark.group = "sampler race draw 8x151936"
+    benchmark.extra_info.update(variant=draw)
+
+    def race():
+        if draw == "exponential_":
+            exponentials = torch.empty_like(probs).exponential_(generator=generator)
+        else:
+            exponentials = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
+        return (probs / exponentials).argmax(dim=-1)
+
+    _run(benchmark, race, rounds=20)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="GPU suite")

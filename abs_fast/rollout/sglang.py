@@ -539,11 +539,18 @@ class SGLangEngine:
                        self.url, len(requests), message)
 
         def one(request: RolloutRequest) -> RolloutResult:
-            try:
-                return self.generate([request])[0]
-            except SGLangRequestError as err:
-                return RolloutResult(token_ids=[], text="", logprobs=[], finish_reason="abort",
-                                     prompt_tokens=len(request.prompt_ids), error=str(err))
+            payload = self._payload([request])
+            try:  # no restart from here (threads): a server gone now fails the wave
+                status, outputs = http_json(self.url + "/generate", payload, timeout=self.request_timeout,
+                                            key=self._api_key)
+            except ServerUnreachable as err:
+                raise self._failure(f"/generate at {self.url} failed while the wave was resent one request at a "
+                                    f"time: {err}") from None
+            if status == 200:
+                return read_outputs([request], payload["rid"], outputs, self.tokenizer)[0]
+            return RolloutResult(token_ids=[], text="", logprobs=[], finish_reason="abort",
+                                 prompt_tokens=len(request.prompt_ids),
+                                 error=f"HTTP {status}: {error_text(outputs)}{auth_hint(status)}")
 
         with ThreadPoolExecutor(min(_SINGLE_REQUEST_THREADS, len(requests))) as pool:
             results = list(pool.map(one, requests))
