@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
 # SGLang's own classes for the contract tests, in a private directory (never in .venv)
-bash scripts/sglang-contract-env.sh
+bash scripts/sglang-contract-env.sh || echo "== could not install the SGLang contract environment (no wheel for this
+   platform or no package index?): tests/test_sglang_contract.py will skip and say why"
 
 echo "== tests"
 python -m pytest "$@"
