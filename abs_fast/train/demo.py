@@ -91,8 +91,9 @@ def _demo_vocabulary(tokenizer, data: list[tuple[list[int], list[int]]]) -> set[
         ids.update(encode_turn(tokenizer, attacker_messages(seed.prompt, seed.type)))
         ids.update(encode_turn(tokenizer, defender_messages(seed.prompt)))
     for (role, _), answers in _ANSWERS.items():
-        for answer in answers if role == "attacker" else ():
-            ids.update(encode_turn(tokenizer, defender_messages(answer)))
+        if role == "attacker":  # what the defender's prompt holds in a generated game
+            for answer in answers:
+                ids.update(encode_turn(tokenizer, defender_messages(answer)))
     return ids
 
 
