@@ -524,7 +524,7 @@ class SGLangEngine:
                 self._restart(failure)
                 continue
             if status == 200:
-                return self._results(requests, payload["rid"], outputs)
+                return read_outputs(requests, payload["rid"], outputs, self.tokenizer)
             # the server answered: an error status is the wave's, never a restart
             message = f"HTTP {status}: {error_text(outputs)}{auth_hint(status)}"
             if len(requests) == 1 or status in (401, 403, 404):
@@ -558,6 +558,3 @@ class SGLangEngine:
             raise SGLangRequestError(f"/generate at {self.url} refused the wave: {message}; and every request alone "
                                      f"(first: {results[0].error})")
         return results
-
-    def _results(self, requests: list[RolloutRequest], rids: list[str], outputs) -> list[RolloutResult]:
-        return read_outputs(requests, rids, outputs, self.tokenizer)
