@@ -110,3 +110,16 @@ def test_info_follows_the_interpreter_and_overrides():
 def test_cli_without_command_explains_usage():
     result = run_cli()
     assert result.returncode == 2 and "info" in result.stderr
+
+
+def test_the_suite_runs_in_a_private_home():
+    """Caches, configs and runs of the suite go to a temporary home (conftest.py), never the user's:
+    abs-fast's cache (the demo's warm start, the tokenizer) resolves there."""
+    from abs_fast.model.tokenizer import default_cache_dir
+
+    user_home = Path(os.environ["ABS_FAST_TEST_USER_HOME"]).resolve()
+    test_home = Path.home().resolve()
+    assert test_home != user_home and test_home.name.startswith("abs-fast-test-home-")
+    for path in (default_cache_dir(), Path(os.environ["TRITON_CACHE_DIR"]), Path(os.environ["HF_HOME"]),
+                 Path(os.environ["MPLCONFIGDIR"])):
+        assert path.resolve().is_relative_to(test_home), path
