@@ -1,4 +1,4 @@
-"""Shared test set-up: Triton under its CPU interpreter when there is no GPU, markers, data paths."""
+"""Test set-up: Triton under its CPU interpreter when there is no GPU, markers, data files."""
 
 import importlib.util
 import os
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import SEED_ROWS
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -17,7 +18,7 @@ if not HAS_CUDA:
         patch_triton_interpreter()
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,11 +31,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    """../shared/data beside the checkout (seed prompts, eval sets); the test skips without it."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def test_data() -> Path:
+    """tests/data: XSTest and a GSM8K subset, committed with their licences (tests/data/README.md)."""
+    return TEST_DATA
+
+
+@pytest.fixture
+def seed_files(tmp_path) -> dict[str, Path]:
+    """kind -> a JSONL seed file of SEED_ROWS[kind] in the WildJailbreak seed format."""
+    import json
+
+    files = {}
+    for kind, prompts in SEED_ROWS.items():
+        path = tmp_path / f"seeds_{kind}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p, "category": kind}) + "\n" for p in prompts))
+        files[kind] = path
+    return files
 
 
 @pytest.fixture

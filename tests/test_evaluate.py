@@ -99,8 +99,8 @@ def test_safety_metrics_on_hand_made_labels():
 
 # --- suite files ------------------------------------------------------------------------------------
 
-def test_xstest_scoring_on_its_real_labels(shared_data):
-    path = shared_data / "eval" / "xstest_prompts.csv"
+def test_xstest_scoring_on_its_real_labels(test_data):
+    path = test_data / "xstest_prompts.csv"
     items = load_suite("xstest", path)
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -196,10 +196,12 @@ def test_suite_spec_and_missing_file_errors(tmp_path):
 
 # --- GSM8K ------------------------------------------------------------------------------------------
 
-def test_gsm8k_references_of_the_real_file(shared_data):
-    rows = [json.loads(line) for line in (shared_data / "eval" / "gsm8k_test.jsonl").read_text().splitlines()]
+def test_gsm8k_references_of_the_real_file(test_data):
+    """The committed subset of the GSM8K test split (its first 200 rows, two with thousands separators
+    and the split's two negative answers: tests/data/README.md)."""
+    rows = [json.loads(line) for line in (test_data / "gsm8k_test_subset.jsonl").read_text().splitlines()]
     references = [gsm8k_reference(r["answer"]) for r in rows]
-    assert len(references) == 1319
+    assert len(references) == 204
     # the written solution ends with the final number, so the last number of the whole text is it
     assert all(extract_final_number(r["answer"]) == ref for r, ref in zip(rows, references, strict=True))
     with_commas = [(r, ref) for r, ref in zip(rows, references, strict=True) if "," in r["answer"].split("####")[-1]]
@@ -369,10 +371,10 @@ def _cli(*argv):
     return main([str(a) for a in argv])
 
 
-def test_eval_crossplay_exploit_report(tiny_runs, tmp_path, shared_data, monkeypatch):
+def test_eval_crossplay_exploit_report(tiny_runs, tmp_path, test_data, monkeypatch):
     bipolicy, shared = tiny_runs / "bipolicy", tiny_runs / "shared"
-    xstest = shared_data / "eval" / "xstest_prompts.csv"
-    gsm8k = shared_data / "eval" / "gsm8k_test.jsonl"
+    xstest = test_data / "xstest_prompts.csv"
+    gsm8k = test_data / "gsm8k_test_subset.jsonl"
     calls = _count_engine_calls(monkeypatch)
     assert _cli("eval", "--policy", bipolicy, "--suite", f"xstest={xstest}", "--suite", f"gsm8k={gsm8k}",
                 "--limit", 4, "--max-new-tokens", 6, "--attack-samples", 4, "--quiet") == 0

@@ -293,11 +293,20 @@ def test_prompts_meet_the_game_requirements(qwen_tokenizer):
 
 # --- seeds -------------------------------------------------------------------------------------
 
-def test_shared_seed_files_load(shared_data):
+def test_seed_files_in_the_wildjailbreak_format_load(seed_files):
+    """{"prompt", "category"} rows, one type per file, as the WildJailbreak seed files are (and those
+    files themselves when ../shared/data is beside the checkout: an optional extra)."""
+    from helpers import SEED_ROWS, SHARED_DATA
+
+    for kind, path in seed_files.items():
+        seeds = load_seeds(path)
+        assert [s.prompt for s in seeds] == SEED_ROWS[kind] and {s.type for s in seeds} == {kind}
+        assert seeds[3].source == f"{path}:4"
     for kind in ("harmful", "benign"):
-        seeds = load_seeds(shared_data / "seeds" / f"wildjailbreak_vanilla_{kind}_256.jsonl")
-        assert len(seeds) == 256 and {s.type for s in seeds} == {kind}
-        assert all(s.prompt for s in seeds) and seeds[3].source.endswith(":4")
+        shared = SHARED_DATA / "seeds" / f"wildjailbreak_vanilla_{kind}_256.jsonl"
+        if shared.is_file():
+            seeds = load_seeds(shared)
+            assert len(seeds) == 256 and {s.type for s in seeds} == {kind} and all(s.prompt for s in seeds)
 
 
 def test_builtin_seeds():

@@ -447,7 +447,7 @@ def _decoded(tokenizer, tokens: list[int], reason: dict) -> str:
     return tokenizer.decode(tokens[:-1] if reason["type"] == "stop" else tokens, skip_special_tokens=False)
 
 
-def test_protocol_eval_and_crossplay_generate_on_sglang(tmp_path, journal, policy, shared_data, monkeypatch,
+def test_protocol_eval_and_crossplay_generate_on_sglang(tmp_path, journal, policy, test_data, monkeypatch,
                                                          qwen_tokenizer):
     from safetensors.torch import load_file
 
@@ -463,8 +463,8 @@ def test_protocol_eval_and_crossplay_generate_on_sglang(tmp_path, journal, polic
     process, url = start_fake(tmp_path, journal, FAKE_SGLANG_API_KEY=api_key, FAKE_SGLANG_ADMIN_API_KEY=admin_key)
     overrides = ["rollout_engine=sglang", f"sglang_url={url}", "judge=heuristic"]
     try:
-        out, results = eval_command(str(defender_dir), [f"xstest={shared_data / 'eval' / 'xstest_prompts.csv'}",
-                                                        f"gsm8k={shared_data / 'eval' / 'gsm8k_test.jsonl'}"],
+        out, results = eval_command(str(defender_dir), [f"xstest={test_data / 'xstest_prompts.csv'}",
+                                                        f"gsm8k={test_data / 'gsm8k_test_subset.jsonl'}"],
                                     overrides=overrides, output=str(tmp_path / "eval"), limit=3, max_new_tokens=6,
                                     progress=False)
         eval_entries = read_journal(journal)

@@ -35,11 +35,22 @@ def test_known_ids(tokenizer):
     assert tokenizer.eos_token_id == 151645 and tokenizer.pad_token_id == 151643
 
 
-def test_ids_equal_the_reference_encoder(tokenizer, reference_encoder, shared_data):
+def test_ids_equal_the_reference_encoder(tokenizer, reference_encoder, test_data, seed_files):
+    """Every XSTest prompt, GSM8K question and answer of tests/data, the tricky texts and the seed
+    prompts (and ../shared's seed files too, when that folder is there)."""
+    import csv
+
+    from helpers import SHARED_DATA
+
     texts = list(TRICKY_TEXTS)
-    for path in sorted((shared_data / "seeds").glob("*.jsonl")):
+    with open(test_data / "xstest_prompts.csv", newline="", encoding="utf-8") as f:
+        texts += [row["prompt"] for row in csv.DictReader(f)]
+    for line in (test_data / "gsm8k_test_subset.jsonl").read_text().splitlines():
+        texts += list(json.loads(line).values())
+    seed_paths = [*seed_files.values(), *sorted((SHARED_DATA / "seeds").glob("*.jsonl"))]
+    for path in seed_paths:
         texts += [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-    assert len(texts) > 100
+    assert len(texts) > 800
     mismatches = [t for t in texts if tokenizer(t).input_ids != reference_encoder.encode(t)]
     assert not mismatches, f"{len(mismatches)} texts tokenise differently, e.g. {mismatches[:3]}"
 

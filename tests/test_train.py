@@ -136,6 +136,36 @@ def test_shared_mode_pools_both_roles_tokens(small_vocab_model, rng_seed):
         assert torch.allclose(ours[key], grad, rtol=1e-5, atol=1e-7 * grad.abs().max()), key
 
 
+def test_reported_kl_is_the_nonnegative_k3_estimate(small_vocab_model, rng_seed):
+    """kl/<role> is the k3 estimate of KL(sampler || base): non-negative, and here where the sampler's
+    log-probs lie below the base's (a negative k1 mean) it equals mean(exp(d) - 1 - d), d = ref - old,
+    with the base's log-probs computed from its full logits."""
+    policy = load_policy(small_vocab_model, quantize=None, adapters=("attacker", "defender"), rank=4, alpha=8, seed=1)
+    gen = torch.Generator().manual_seed(rng_seed)
+    samples = []
+    for i, role in enumerate(["attacker", "attacker", "defender", "defender"]):
+        prompt = torch.randint(2, VOCAB, (3 + i,), generator=gen).tolist()
+        response = torch.randint(2, VOCAB, (4 + i,), generator=gen).tolist()
+        old = (-8.0 - torch.rand(len(response), generator=gen)).tolist()  # below log(1/256) = -5.5
+        samples.append(Sample(role, role, prompt, response, float(i), group=i, logprobs=old))
+    settings = UpdateSettings(train_batch_size=64, grad_clip=0.0, reuse_sampler_logprobs=True)
+    metrics = policy_update(policy, _optimizer(policy, ("attacker", "defender"), 1e-3), samples, settings,
+                            torch.Generator().manual_seed(rng_seed))
+    for role in ("attacker", "defender"):
+        k1, k3 = [], []
+        for s in (s for s in samples if s.role == role):
+            with torch.no_grad():
+                logits = policy.logits(torch.tensor([s.prompt_ids + s.response_ids]), [-1])[0].double()
+            positions = torch.arange(len(s.prompt_ids) - 1, len(s.prompt_ids) + len(s.response_ids) - 1)
+            ref = logits.log_softmax(-1)[positions, torch.tensor(s.response_ids)]
+            d = ref - torch.tensor(s.logprobs, dtype=torch.float64)
+            k1 += (-d).tolist()
+            k3 += (torch.expm1(d) - d).tolist()
+        assert sum(k1) / len(k1) < 0  # what was reported before: a "KL" below zero
+        assert metrics[f"kl/{role}"] >= 0
+        assert metrics[f"kl/{role}"] == pytest.approx(sum(k3) / len(k3), rel=1e-4)
+
+
 def test_reused_sampler_logprobs_halve_the_no_grad_pass_and_give_ratio_one(small_vocab_model, monkeypatch, rng_seed):
     """With the sampler's log-probs as the old policy's: the no-grad pass forwards only the reference
     (adapter id -1) copy of each sample, half the tokens of the pass that also scores the old policy;
