@@ -22,7 +22,7 @@ import torch
 
 from abs_fast.game import ROLES
 from abs_fast.model.scoring import micro_batches, packed_logprobs
-from abs_fast.rl import aggregate_token_mean, compute_advantages, kl_k1, kl_loss, ppo_clip_loss
+from abs_fast.rl import aggregate_token_mean, compute_advantages, kl_k3, kl_loss, ppo_clip_loss
 from abs_fast.train.distributed import SINGLE_PROCESS, Collective
 
 __all__ = ["Sample", "UpdateSettings", "policy_update"]
@@ -136,7 +136,9 @@ def policy_update(policy, optimizer: torch.optim.Optimizer, samples: Sequence[Sa
     advantages = compute_advantages(settings.algorithm, rewards, groups, logp_old, logp_ref, mask, roles,
                                     settings.kl_beta, settings.reward_clip, num_roles=len(ROLES), reduce=reduce)
     role_stats = torch.zeros(len(ROLES), 4, dtype=torch.float64, device=device)  # kl, entropy, tokens, samples
-    kl_tokens = kl_k1(logp_old, logp_ref)
+    # the reported KL (kl/<role>): k3, non-negative per token like the KL itself; the penalty in the
+    # advantages keeps the estimator its algorithm uses (k1 for REINFORCE++ / RLOO, k3 for GRPO)
+    kl_tokens = kl_k3(logp_old, logp_ref)
     for i in role_index.values():
         chosen = (roles == i)[:, None] & mask.bool()
         entropy_sum = _pad(entropy, L, device)[chosen].double().sum() if not reuse else role_stats.new_zeros(())
