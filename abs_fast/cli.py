@@ -7,6 +7,8 @@ import contextlib
 import json
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -74,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
         if trainer.collective.is_main:  # data parallel: rank 0 reports
             _print_summary(trainer.run_dir)
 
-    return _guarded("train", run)
+    return _guarded("train", run, resume=lambda err: f"`abs-fast train --output {shlex.quote(str(err.run_dir))} "
+                                                    "--resume` continues")
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -92,7 +95,8 @@ def _demo(args: argparse.Namespace) -> int:
 
         run_demo(Path(args.output), args.steps, seed=args.seed, progress=not args.quiet)
 
-    return _guarded("demo", run)
+    return _guarded("demo", run, resume=lambda err: f"`abs-fast demo --output {shlex.quote(str(err.run_dir))}` "
+                                                  "starts it over")
 
 
 _USER_ERRORS = (KeyError, ValueError, OSError, UnicodeDecodeError)
@@ -127,12 +131,41 @@ def _user_error(command: str, err: Exception) -> int:
     return 1 if isinstance(err, _sglang_errors()) else 2
 
 
-def _guarded(command: str, run, *args) -> int:
-    """Run a command; user errors exit 2 (SGLang failures 1, non-finite training 3) with one line on stderr."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it stops as on Ctrl-C (exit 143)."""
+
+    exit_code = 143
+
+
+def _interrupted(command: str, err: KeyboardInterrupt, resume) -> int:
+    """One line for Ctrl-C / SIGTERM; exit 130 / 143."""
+    from abs_fast.train import TrainingInterrupted
+
+    code = getattr(err, "exit_code", 130)
+    if isinstance(err, TrainingInterrupted):
+        if err.checkpoint is None:
+            line = f"interrupted at step {err.step}, before the run's first checkpoint: nothing to resume"
+        else:
+            saved = err.checkpoint.name.removeprefix("step_").lstrip("0") or "0"
+            line = f"interrupted at step {err.step}; the checkpoint of step {saved} is intact"
+            if resume is not None:
+                line += f"; {resume(err)}"
+    else:
+        line = "interrupted; nothing after the last completed write was kept"
+    print(f"abs-fast {command}: {line}", file=sys.stderr)
+    return code
+
+
+def _guarded(command: str, run, *args, resume=None) -> int:
+    """Run a command; user errors exit 2 (SGLang failures 1, non-finite training 3) with one line on stderr;
+    Ctrl-C and SIGTERM exit 130 and 143 with one line (`resume`: what to run next after an interrupted
+    training run, from its TrainingInterrupted)."""
     from abs_fast.train import NonFiniteTrainingError
 
     try:
         result = run(*args)
+    except KeyboardInterrupt as err:
+        return _interrupted(command, err, resume)
     except _sglang_errors() as err:
         return _user_error(command, err)
     except NonFiniteTrainingError as err:
@@ -171,9 +204,13 @@ def _crossplay(args: argparse.Namespace) -> int:
 def _exploit(args: argparse.Namespace) -> int:
     from abs_fast.evaluate.commands import exploit_command
 
+    def resume(err) -> str:
+        return (f"`abs-fast exploit --defender {shlex.quote(args.defender)} --steps {args.steps} --output "
+                f"{shlex.quote(str(err.run_dir))} --resume` continues")
+
     return _guarded("exploit", lambda: exploit_command(
         args.defender, args.steps, model=args.model, overrides=args.set or [], output=args.output,
-        resume=args.resume, progress=not args.quiet))
+        resume=args.resume, progress=not args.quiet), resume=resume)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -330,12 +367,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    previous = signal.getsignal(signal.SIGTERM)
+    with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM as it is
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.run(args)
     except BrokenPipeError:  # the reader went away (abs-fast info | head): not an error of ours
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (python flushes stdout at exit)
         return 0
+    finally:
+        with contextlib.suppress(ValueError, TypeError):
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
 
 
 if __name__ == "__main__":

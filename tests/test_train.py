@@ -461,6 +461,42 @@ def test_sigkill_mid_run_then_resume(tmp_path):
             (tmp_path / "straight" / name / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupt_prints_one_line_and_the_checkpoint_resumes(tmp_path, sig, code):
+    """Ctrl-C or SIGTERM after the second checkpoint: exit 130 / 143 with one line naming the step, the
+    intact checkpoint and the command that continues; no traceback; the resume runs from it."""
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "abs_fast.cli", "train", "--preset", "tiny", "--output", str(run), "--set",
+           *SMALL, "steps=40", "checkpoint_every=1"]
+    env = {**os.environ, "ABS_FAST_BACKEND": "reference"}
+    process = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run / "checkpoints" / "latest").exists() and latest_checkpoint(run).name >= "step_000002":
+            break
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    else:
+        process.kill()
+        pytest.fail("no second checkpoint within 300 s")
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == code, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("abs-fast train: interrupted at step "), last
+    step = int(last.split("interrupted at step ")[1].split(";")[0])
+    saved = latest_checkpoint(run)
+    assert f"the checkpoint of step {int(saved.name.removeprefix('step_'))} is intact" in last, last
+    assert f"`abs-fast train --output {run} --resume` continues" in last, last
+    assert int(saved.name.removeprefix("step_")) in (step, step - 1) and step >= 2
+    resumed = subprocess.run([*cli[:4], "--output", str(run), "--resume", "--set", f"steps={step + 1}"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, step + 2))
+
+
 def test_torn_metrics_line_is_ignored(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew', encoding="utf-8")

@@ -10,7 +10,7 @@ from abs_fast.train.config import (
     preset_config,
     role_adapters,
 )
-from abs_fast.train.loop import NonFiniteTrainingError, Trainer
+from abs_fast.train.loop import NonFiniteTrainingError, Trainer, TrainingInterrupted
 from abs_fast.train.metrics import MetricsLog, plot_metrics, read_metrics, summary_table
 from abs_fast.train.update import Sample, UpdateSettings, policy_update
 
@@ -22,6 +22,7 @@ __all__ = [
     "Sample",
     "TrainConfig",
     "Trainer",
+    "TrainingInterrupted",
     "UpdateSettings",
     "apply_overrides",
     "config_from_file",

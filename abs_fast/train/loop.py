@@ -41,7 +41,7 @@ from abs_fast.train.games import Game, deal_games, game_metrics, score_games
 from abs_fast.train.metrics import MetricsLog
 from abs_fast.train.update import Sample, UpdateSettings, policy_update
 
-__all__ = ["NonFiniteTrainingError", "Trainer"]
+__all__ = ["NonFiniteTrainingError", "Trainer", "TrainingInterrupted"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,16 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 class NonFiniteTrainingError(RuntimeError):
     """Training stopped: updates kept coming out non-finite (exit status 3 on the command line)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, which the command line turns into an interrupt with exit_code 143) during
+    training: the step the run had finished and its newest checkpoint, which an interrupt never
+    damages (checkpoints are replaced atomically)."""
+
+    def __init__(self, step: int, run_dir: Path, checkpoint: Path | None, exit_code: int = 130):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.run_dir, self.checkpoint, self.exit_code = step, run_dir, checkpoint, exit_code
 
 
 def _check_device(device: str) -> None:
@@ -558,12 +568,18 @@ class Trainer:
                                                desc=f"ABS {self.config.mode}", unit="step"))
             if self.metrics is not None:
                 stack.callback(self.metrics.close)
-            while self.step < self.config.steps:
-                record = self.run_step()
-                records.append(record)
+            try:
+                while self.step < self.config.steps:
+                    record = self.run_step()
+                    records.append(record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(_postfix(record), refresh=True)
+            except KeyboardInterrupt as err:
                 if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(_postfix(record), refresh=True)
+                    bar.leave = False
+                raise TrainingInterrupted(self.step, self.run_dir, latest_checkpoint(self.run_dir),
+                                          getattr(err, "exit_code", 130)) from None
         if self.collective.is_main:
             for name in self.trained_adapters:
                 self.policy.save_adapters(self.run_dir, names=[name])
