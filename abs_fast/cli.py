@@ -57,6 +57,7 @@ def _plan(args: argparse.Namespace) -> int:
         gib = parse_gib(args.gpu_memory) if args.gpu_memory is not None else None
         plan = plan_memory(config, preset=args.preset, gpu_memory_gb=gib, device=args.device)
         print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+        return 1 if plan.fits is False else 0  # a script can gate on it
 
     return _guarded("plan", run)
 

@@ -119,3 +119,11 @@ def test_plan_cli_errors_and_table(tmp_path):
     assert missing.returncode == 2 and "config.json" in missing.stderr and "Traceback" not in missing.stderr
     bad = run("--preset", "tiny", "--gpu-memory", "lots")
     assert bad.returncode == 2 and "--gpu-memory" in bad.stderr
+    # a plan that does not fit exits non-zero and says so last, so a script can gate on it
+    too_big = run("--preset", "qwen2.5-7b", "--gpu-memory", "24", "--set", "engine_max_batch=512")
+    assert too_big.returncode == 1, too_big.stderr
+    assert too_big.stdout.strip().splitlines()[-1].startswith("verdict: DOES NOT FIT"), too_big.stdout
+    assert run("--preset", "qwen2.5-7b", "--gpu-memory", "24", "--set", "engine_max_batch=512", "--json"
+               ).returncode == 1
+    fits = run("--preset", "qwen2.5-7b", "--gpu-memory", "80")
+    assert fits.returncode == 0 and fits.stdout.strip().splitlines()[-1].startswith("verdict: fits"), fits.stdout

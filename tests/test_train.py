@@ -497,6 +497,39 @@ def test_an_interrupt_prints_one_line_and_the_checkpoint_resumes(tmp_path, sig, 
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, step + 2))
 
 
+def test_refusals_that_need_no_weights_come_before_any_load(tmp_path, monkeypatch, capsys, test_data):
+    """train into a run with checkpoints (no --resume), --resume of a run without one, and eval / crossplay
+    / exploit with a missing judge directory are refused before any weights load, and leave no
+    output directory behind."""
+    import abs_fast.evaluate.commands as commands
+    import abs_fast.train.loop as loop
+    from abs_fast.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were loaded before the refusal")
+    monkeypatch.setattr(loop, "load_policy_for", never)
+    monkeypatch.setattr(commands, "load_policy_for", never)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000001").mkdir(parents=True)
+    (run / "checkpoints" / "step_000001" / "state.json").write_text("{}")
+    (run / "checkpoints" / "latest").write_text("step_000001\n")
+    (run / ".abs-fast-run").write_text('{"kind": "train"}\n')
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        Trainer(_config(run, "steps=1"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(_config(tmp_path / "fresh", "steps=1"), resume=True)
+    no_judge = ["--set", "judge=wildguard", f"judge_model={tmp_path / 'no-judge'}"]
+    for argv in (["eval", "--base-only", "--suite", f"xstest={test_data / 'xstest_prompts.csv'}", "--output",
+                  str(tmp_path / "eval"), *no_judge],
+                 ["crossplay", "--attackers", "base", "--defenders", "base", "--seeds", "builtin", "--output",
+                  str(tmp_path / "cross"), *no_judge],
+                 ["exploit", "--defender", "base", "--steps", "1", "--output", str(tmp_path / "exploit"), *no_judge]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert "judge_model=" in capsys.readouterr().err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_torn_metrics_line_is_ignored(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "rew', encoding="utf-8")

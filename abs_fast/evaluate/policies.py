@@ -7,6 +7,7 @@ from pathlib import Path
 
 from abs_fast.model import PRESETS
 from abs_fast.model.adapters import CONFIG_NAME, read_adapter_config
+from abs_fast.train.build import check_before_loading
 from abs_fast.train.checkpoint import latest_checkpoint
 from abs_fast.train.config import TrainConfig, apply_overrides, config_from_file, preset_config, role_adapters
 
@@ -73,7 +74,9 @@ def eval_config(paths: list[str | Path], model: str | None = None, overrides: li
     config = apply_overrides(config, {"progress": True, "tensorboard": False}, where="evaluation")
     if model is not None:
         config = apply_overrides(config, {"model": model}, where="--model")
-    return apply_overrides(config, overrides or [])
+    config = apply_overrides(config, overrides or [])
+    check_before_loading(config)  # a bad device or judge directory is refused before any weights load
+    return config
 
 
 def load_role_adapters(policy, paths: dict[str, Path | None]) -> dict[str, str | None]:

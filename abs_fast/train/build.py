@@ -14,8 +14,8 @@ import torch
 from abs_fast.game import HeuristicJudge, Judge, WildGuardJudge
 from abs_fast.train.config import TrainConfig
 
-__all__ = ["load_judge", "load_policy_for", "load_tokenizer_for", "sglang_engine_for", "stop_token_ids",
-           "target_modules_of"]
+__all__ = ["check_before_loading", "load_judge", "load_policy_for", "load_tokenizer_for", "sglang_engine_for",
+           "stop_token_ids", "target_modules_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,33 @@ def load_tokenizer_for(config: TrainConfig):
         raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json); set "
                                 "tokenizer=DIR, or tokenizer=qwen2.5 for the offline Qwen2.5 tokenizer")
     return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+
+
+def _check_device(device: str) -> None:
+    """device: auto, cpu, cuda or cuda:N, and a CUDA device must exist."""
+    if device == "auto":
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device}: no CUDA device is visible here (torch {torch.__version__}); use "
+                             "device=cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def check_before_loading(config: TrainConfig) -> None:
+    """Every refusal that needs no weights, made before any load (training and evaluation alike): the
+    device exists, the judge's checkpoint directory exists."""
+    _check_device(config.device)
+    if config.judge == "wildguard" and not Path(config.judge_model).is_dir():
+        raise FileNotFoundError(f"judge_model={config.judge_model}: no such directory (a WildGuard-format "
+                                "classifier checkpoint)")
 
 
 def _device(config: TrainConfig, device: str | None) -> str | None:

@@ -33,7 +33,14 @@ from abs_fast.game import (
 )
 from abs_fast.io import RunDirectory, atomic_write_text, remove_stale_staging
 from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
-from abs_fast.train.build import load_judge, load_policy_for, load_tokenizer_for, sglang_engine_for, stop_token_ids
+from abs_fast.train.build import (
+    check_before_loading,
+    load_judge,
+    load_policy_for,
+    load_tokenizer_for,
+    sglang_engine_for,
+    stop_token_ids,
+)
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from abs_fast.train.config import TrainConfig, role_adapters
 from abs_fast.train.distributed import init_distributed
@@ -97,24 +104,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.step, self.run_dir, self.checkpoint, self.exit_code = step, run_dir, checkpoint, exit_code
 
 
-def _check_device(device: str) -> None:
-    """device: auto, cpu, cuda or cuda:N, and a CUDA device must exist."""
-    if device == "auto":
-        return
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device}: no CUDA device is visible here (torch {torch.__version__}); use "
-                             "device=cpu or auto")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
 class Trainer:
     """Builds the policy, engine, judge and optimizer from a TrainConfig and runs steps.
 
@@ -130,10 +119,12 @@ class Trainer:
                  resume: bool = False, run_directory: RunDirectory | None = None, run_kind: str = "train"):
         self.config = config.validate()
         self.run_dir = Path(config.output)
-        _check_device(config.device)
-        if config.judge == "wildguard" and not Path(config.judge_model).is_dir():
-            raise FileNotFoundError(f"judge_model={config.judge_model}: no such directory (a WildGuard-format "
-                                    "classifier checkpoint)")
+        check_before_loading(config)
+        if resume and latest_checkpoint(self.run_dir) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if not resume and latest_checkpoint(self.run_dir) is not None:
+            raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; pass --resume to continue "
+                                  "it, or choose another output directory")
         seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]  # a bad seed file fails before any load
         self.collective, device = init_distributed(config.device)
         self.rank_device = None if device == "auto" else device
@@ -198,9 +189,6 @@ class Trainer:
         if resume:
             resume_step = self._resume()
             self.rng.set_state(self.collective.broadcast(self.rng.get_state()))  # one game stream for all ranks
-        elif latest_checkpoint(self.run_dir) is not None:
-            raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; pass --resume to continue "
-                                  "it, or choose another output directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = None
         if self.collective.is_main:

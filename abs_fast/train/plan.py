@@ -135,6 +135,12 @@ class MemoryPlan:
             lines.append(f"{phase} phase (total {self.phase_total(phase) / GIB:.2f} GiB):")
             lines += [f"  {name:<28} {value / GIB:8.3f} GiB" for name, value in parts.items()]
         lines += [f"advice: {line}" for line in self.advice]
+        if self.capacity is None:
+            lines.append(f"verdict: peak {self.peak / GIB:.2f} GiB; no device size given (--gpu-memory), "
+                         "fit not checked")
+        else:
+            lines.append(f"verdict: {'fits' if self.fits else 'DOES NOT FIT'}: peak {self.peak / GIB:.2f} GiB of "
+                         f"{self.capacity / GIB:.1f} GiB" + ("" if self.fits else " (exit status 1)"))
         return "\n".join(lines)
 
 
