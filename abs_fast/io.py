@@ -221,6 +221,8 @@ class RunDirectory:
     def __init__(self, path: str | Path, kind: str, what: str = "--output"):
         self.path, self.kind = Path(path), kind
         self._key: str | None = None
+        self._made: Path | None = None  # the outermost directory claim() created (None: it existed)
+        self._was_empty = False
         if self.path.exists() and not self.path.is_dir():
             raise RunDirectoryError(f"{what} {self.path} is a file; expected a directory (new, empty, or an earlier "
                                     f"abs-fast {kind} run)")
@@ -247,6 +249,9 @@ class RunDirectory:
         process holds it. Within one process a second claim shares the first's lock (counted)."""
         if self._key is not None:  # this object holds it already
             return self
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._made = missing[-1] if missing else None
+        self._was_empty = not missing and not any(self.path.iterdir())
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             key = os.path.realpath(self.path)
@@ -276,7 +281,10 @@ class RunDirectory:
                 {"kind": self.kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
         return self
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release the lock. failed=True (the command stopped with an error): a directory that was new
+        or empty before claim() and still holds nothing but the marker and the lock is left as it was
+        found (removed, or emptied), so a failed command leaves nothing behind."""
         key, self._key = self._key, None
         if key is None or key not in _HELD:
             return
@@ -288,12 +296,28 @@ class RunDirectory:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # closing releases the lock
+        if failed and (self._made is not None or self._was_empty):
+            self._undo_claim()
+
+    def _undo_claim(self) -> None:
+        try:
+            if {p.name for p in self.path.iterdir()} - {RUN_MARKER, _LOCK_NAME}:
+                return  # the command wrote something: kept
+            for name in (RUN_MARKER, _LOCK_NAME):
+                (self.path / name).unlink(missing_ok=True)
+            if self._made is not None:
+                for directory in (self.path, *self.path.parents):
+                    directory.rmdir()
+                    if directory == self._made:
+                        break
+        except OSError:
+            pass  # best effort: what is left is only empty directories or our marker
 
     def __enter__(self) -> RunDirectory:
         return self.claim()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def remove_stale_staging(directory: str | Path) -> list[Path]:

@@ -578,3 +578,27 @@ def test_report_renders_in_a_headless_browser(tmp_path):
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert float(pixels.std()) > 0.05, "the screenshot is blank"
     assert (pixels.reshape(-1, 3) < 0.9).any(axis=1).mean() > 0.02  # text and the heatmap drew something dark
+
+
+def test_a_failed_command_leaves_no_output_directory(tmp_path):
+    """crossplay with an adapter whose base model is missing fails (exit 2, naming it) before writing
+    anything, and leaves no output directory (nor parents it would have created) behind."""
+    from abs_fast.cli import main
+    from abs_fast.model import load_policy
+
+    policy = load_policy("tiny", quantize=None, adapters=("attacker",), device="cpu")
+    policy.save_adapters(tmp_path / "adapters")
+    config_path = tmp_path / "adapters" / "attacker" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "missing-model")
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "new" / "cross"
+    assert main(["crossplay", "--attackers", str(tmp_path / "adapters" / "attacker"), "--defenders", "base",
+                 "--seeds", "builtin", "--output", str(out), "--quiet"]) == 2
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", "--policy", str(tmp_path / "adapters" / "attacker"), "--suite",
+                 f"xstest={Path(__file__).parent / 'data' / 'xstest_prompts.csv'}", "--output", str(empty),
+                 "--quiet"]) == 2
+    assert empty.is_dir() and not any(empty.iterdir())

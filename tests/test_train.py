@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -571,9 +572,23 @@ def test_demo_writes_everything_and_its_adapters_load_into_peft(tmp_path, capsys
         module_path = key.replace("base_model.model.", "").replace(".lora_B.weight", "")
         loaded = peft_model.base_model.model.get_submodule(module_path).lora_B[name].weight
         assert torch.equal(loaded, saved[key])
-    # a second demo into the same directory replaces the first
+    # each adapter directory carries its base: eval and crossplay take it as they take the run directory
+    base_info = json.loads((output / "defender" / "abs-fast-base.json").read_text())
+    assert base_info["tokenizer"] == "qwen2.5" and "demo-base" in base_info["model"]
+    assert "<|im_start|>" in base_info["chat_template"]
+    xstest = Path(__file__).parent / "data" / "xstest_prompts.csv"
+    common = ["--limit", "2", "--max-new-tokens", "4", "--quiet"]
+    assert main(["eval", "--policy", str(output), "--suite", f"xstest={xstest}", "--attack-samples", "2",
+                 *common]) == 0
+    assert main(["eval", "--policy", str(output / "defender"), "--suite", f"xstest={xstest}", "--output",
+                 str(tmp_path / "eval-adapter"), *common]) == 0
+    assert main(["crossplay", "--attackers", str(output / "attacker"), "--defenders", "base", str(output / "defender"),
+                 "--seeds", "builtin", "--output", str(tmp_path / "cross"), *common]) == 0
+    assert (output / "eval" / "eval.json").is_file() and (tmp_path / "cross" / "crossplay.json").is_file()
+    # a second demo into the same directory replaces the first's outputs and keeps what was made from it
     assert main(["demo", "--output", str(output), "--steps", "1", "--quiet"]) == 0
     assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1]
+    assert (output / "eval" / "eval.json").is_file()
 
 
 def test_demo_warm_start_loss_is_the_full_vocabulary_cross_entropy(rng_seed):

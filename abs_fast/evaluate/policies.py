@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from abs_fast.model import PRESETS
-from abs_fast.model.adapters import CONFIG_NAME, read_adapter_config
-from abs_fast.train.build import check_before_loading
+from abs_fast.model.adapters import BASE_INFO_NAME, CONFIG_NAME, read_adapter_base, read_adapter_config
+from abs_fast.train.build import BASE_INFO_KEYS, check_before_loading
 from abs_fast.train.checkpoint import latest_checkpoint
 from abs_fast.train.config import TrainConfig, apply_overrides, config_from_file, preset_config, role_adapters
 
-__all__ = ["eval_config", "is_run_dir", "load_role_adapters", "role_adapter", "run_adapter"]
+__all__ = ["adapter_config", "eval_config", "is_run_dir", "load_role_adapters", "owning_run", "role_adapter",
+           "run_adapter"]
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -48,11 +49,38 @@ def role_adapter(path: str | Path, role: str) -> Path | None:
     return None if name is None else run_adapter(path, name)
 
 
+def owning_run(adapter: str | Path) -> Path | None:
+    """The run directory an adapter directory lies in: RUN/<name>/ or RUN/checkpoints/step_N/adapters/<name>/."""
+    for parent in list(Path(adapter).resolve().parents)[:4]:
+        if is_run_dir(parent):
+            return parent
+    return None
+
+
+def adapter_config(adapter: str | Path) -> TrainConfig:
+    """The config an adapter directory is played with: what its abs-fast-base.json says it was trained
+    on (model, tokenizer, chat template, quantisation, dtype, turn format; a preset's seed); else the
+    config of the run it lies in; else the tiny preset with its base_model_name_or_path (an adapter
+    PEFT wrote)."""
+    adapter = Path(adapter)
+    info = read_adapter_base(adapter)
+    if info is not None:
+        values = {key: info[key] for key in (*BASE_INFO_KEYS, "chat_template", "seed") if key in info}
+        return apply_overrides(preset_config("tiny"), values, where=str(adapter / BASE_INFO_NAME))
+    run = owning_run(adapter)
+    if run is not None:
+        return config_from_file(run / "config.json")
+    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    if base:
+        return apply_overrides(preset_config("tiny"), {"model": base}, where=str(adapter / CONFIG_NAME))
+    return preset_config("tiny")
+
+
 def eval_config(paths: list[str | Path], model: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
     """The config (base model, tokenizer, quantisation, device, seed, judge, reasoning) for evaluating
-    `paths` together: the first run directory's config, else the tiny preset with the model the
-    first adapter was trained on; then --model and --set. Run directories on different base
-    models cannot be compared and are refused."""
+    `paths` together: the first run directory's config, else the first adapter's (adapter_config);
+    then --model and --set. Runs or adapters on different base models cannot be compared and are
+    refused."""
     runs = [Path(p) for p in paths if p != "base" and is_run_dir(p)]
     configs = [config_from_file(run / "config.json") for run in runs]
     for run, other in zip(runs[1:], configs[1:], strict=True):
@@ -66,11 +94,13 @@ def eval_config(paths: list[str | Path], model: str | None = None, overrides: li
     if configs:
         config = configs[0]
     else:
-        config = preset_config("tiny")
         adapters = [Path(p) for p in paths if p != "base" and (Path(p) / CONFIG_NAME).is_file()]
-        base = read_adapter_config(adapters[0]).get("base_model_name_or_path") if adapters else None
-        if model is None and base:
-            config = apply_overrides(config, {"model": base}, where=f"{adapters[0] / CONFIG_NAME}")
+        config = adapter_config(adapters[0]) if adapters else preset_config("tiny")
+        for other in adapters[1:]:
+            info = read_adapter_base(other)
+            if info is not None and info["model"] != config.model:
+                raise ValueError(f"{other / BASE_INFO_NAME}: trained on model={info['model']!r}, but {adapters[0]} on "
+                                 f"{config.model!r}; adapters compared together must share one base model")
     config = apply_overrides(config, {"progress": True, "tensorboard": False}, where="evaluation")
     if model is not None:
         config = apply_overrides(config, {"model": model}, where="--model")

@@ -4,6 +4,9 @@ loads what PEFT trains.
     <dir>/<adapter>/adapter_config.json        peft_type LORA, r, lora_alpha, target_modules, ...
     <dir>/<adapter>/adapter_model.safetensors  base_model.model.<module>.lora_A.weight [r, in]
                                                base_model.model.<module>.lora_B.weight [out, r]
+    <dir>/<adapter>/abs-fast-base.json         what the adapter was trained on (abs-fast's own, optional):
+                                               model, tokenizer, chat template, quantisation, dtype, ...
+                                               so that eval, crossplay and exploit need nothing else
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ from safetensors.torch import save_file
 from abs_fast.io import atomic_write_text, open_safetensors, read_text, replace_directory
 from abs_fast.model.lora import MultiLoRALinear
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_adapter_state", "read_adapter_config",
-           "save_peft_adapter"]
+__all__ = ["BASE_INFO_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_adapter_state",
+           "read_adapter_base", "read_adapter_config", "save_peft_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_INFO_NAME = "abs-fast-base.json"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -72,18 +76,38 @@ def peft_adapter_state(layers: dict[str, MultiLoRALinear], name: str, base_model
 
 
 def save_peft_adapter(layers: dict[str, MultiLoRALinear], name: str, directory: str | Path,
-                      base_model_name_or_path: str | None = None) -> Path:
-    """Write adapter `name` of `layers` (module path -> layer) to `directory` atomically."""
-    return write_peft_adapter(directory, *peft_adapter_state(layers, name, base_model_name_or_path))
+                      base_model_name_or_path: str | None = None, base_info: dict | None = None) -> Path:
+    """Write adapter `name` of `layers` (module path -> layer) to `directory` atomically, with
+    `base_info` (what it was trained on) as BASE_INFO_NAME when given."""
+    return write_peft_adapter(directory, *peft_adapter_state(layers, name, base_model_name_or_path), base_info)
 
 
-def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> Path:
-    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors), written atomically."""
+def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, torch.Tensor],
+                       base_info: dict | None = None) -> Path:
+    """A PEFT adapter directory (adapter_config.json + adapter_model.safetensors, and BASE_INFO_NAME
+    when `base_info` is given), written atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with replace_directory(directory) as staging:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if base_info is not None:
+            atomic_write_text(staging / BASE_INFO_NAME, json.dumps(base_info, indent=2, sort_keys=True) + "\n")
     return Path(directory)
+
+
+def read_adapter_base(directory: str | Path) -> dict | None:
+    """The BASE_INFO_NAME of an adapter directory (None when it has none: an adapter PEFT or an older
+    abs-fast wrote)."""
+    path = Path(directory) / BASE_INFO_NAME
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(read_text(path, "adapter base description"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("model"), str):
+        raise ValueError(f"{path}: expected a JSON object with a 'model' string")
+    return info
 
 
 def read_adapter_config(directory: str | Path) -> dict:

@@ -285,13 +285,15 @@ class Policy(nn.Module):
             params += [layer.lora_A[name], layer.lora_B[name]]
         return params
 
-    def save_adapters(self, directory: str | Path, names: Sequence[str] | None = None) -> list[Path]:
-        """Write each adapter to directory/<name>/ in PEFT format (each directory replaced atomically)."""
+    def save_adapters(self, directory: str | Path, names: Sequence[str] | None = None,
+                      base_info: dict | None = None) -> list[Path]:
+        """Write each adapter to directory/<name>/ in PEFT format (each directory replaced atomically),
+        with `base_info` (what it was trained on: model, tokenizer, chat template, ...) beside it."""
         layers = self.target_layers()
         out = []
         for name in names or self.adapter_names:
             self.adapter_id(name)
-            out.append(save_peft_adapter(layers, name, Path(directory) / name, self.source))
+            out.append(save_peft_adapter(layers, name, Path(directory) / name, self.source, base_info))
         return out
 
     def load_adapters(self, directory: str | Path, names: Sequence[str] | None = None) -> list[str]:

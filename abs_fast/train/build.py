@@ -3,6 +3,7 @@ cross-play and exploitability runs, so all of them load a model the same way).""
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shlex
@@ -14,8 +15,8 @@ import torch
 from abs_fast.game import HeuristicJudge, Judge, WildGuardJudge
 from abs_fast.train.config import TrainConfig
 
-__all__ = ["check_before_loading", "load_judge", "load_policy_for", "load_tokenizer_for", "sglang_engine_for",
-           "stop_token_ids", "target_modules_of"]
+__all__ = ["BASE_INFO_KEYS", "adapter_base_info", "check_before_loading", "load_judge", "load_policy_for",
+           "load_tokenizer_for", "sglang_engine_for", "stop_token_ids", "target_modules_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +29,36 @@ def load_tokenizer_for(config: TrainConfig):
 
     source = config.tokenizer or config.model
     if source in PRESETS or source == "qwen2.5":
-        return load_qwen25_tokenizer()
-    from transformers import AutoTokenizer
+        tokenizer = load_qwen25_tokenizer()
+    else:
+        from transformers import AutoTokenizer
 
-    if not (Path(source) / "tokenizer_config.json").is_file() and not (Path(source) / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json); set "
-                                "tokenizer=DIR, or tokenizer=qwen2.5 for the offline Qwen2.5 tokenizer")
-    return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        if not (Path(source) / "tokenizer_config.json").is_file() and not (Path(source) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json); set "
+                                    "tokenizer=DIR, or tokenizer=qwen2.5 for the offline Qwen2.5 tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+    if config.chat_template and config.chat_template != tokenizer.chat_template:
+        tokenizer = copy.copy(tokenizer)  # the offline Qwen2.5 tokenizer is shared (cached): never changed in place
+        tokenizer.chat_template = config.chat_template
+    return tokenizer
+
+
+# the keys of a TrainConfig that say what a trained adapter runs on (saved beside it, read by eval_config)
+BASE_INFO_KEYS = ("model", "tokenizer", "quantize", "dtype", "reasoning", "lora_rank", "lora_alpha",
+                  "target_modules")
+
+
+def adapter_base_info(config: TrainConfig, tokenizer) -> dict:
+    """What an adapter trained under `config` needs to be played again: the base model (and the seed
+    of a preset's random weights), the tokenizer and its chat template, quantisation, dtype, the
+    turn format, rank and alpha (abs-fast-base.json beside the adapter)."""
+    from abs_fast.model import PRESETS
+
+    info = {key: getattr(config, key) for key in BASE_INFO_KEYS}
+    info["chat_template"] = tokenizer.chat_template or ""
+    if config.model in PRESETS:
+        info["seed"] = config.seed
+    return info
 
 
 def _check_device(device: str) -> None:

@@ -34,12 +34,14 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
 
 
 def save_checkpoint(run_dir: str | Path, step: int, policy, optimizer: torch.optim.Optimizer,
-                    rng_states: dict[str, torch.Tensor], state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` and point `latest` at it; keep the newest `keep` checkpoints."""
+                    rng_states: dict[str, torch.Tensor], state: dict, keep: int = 2, base_info: dict | None = None
+                    ) -> Path:
+    """Write checkpoint `step` and point `latest` at it; keep the newest `keep` checkpoints. base_info:
+    what the adapters were trained on, saved beside each (Policy.save_adapters)."""
     root = Path(run_dir) / "checkpoints"
     target = root / f"step_{step:06d}"
     with replace_directory(target) as staging:
-        policy.save_adapters(staging / "adapters")
+        policy.save_adapters(staging / "adapters", base_info=base_info)
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, str(staging / OPTIMIZER_NAME))
         save_file({k: v.contiguous() for k, v in rng_states.items()}, str(staging / RNG_NAME))

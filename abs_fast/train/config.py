@@ -42,6 +42,7 @@ class TrainConfig:
     # model
     model: str = "tiny"  # a local checkpoint directory, or a model preset (random weights: tests, benchmarks)
     tokenizer: str = ""  # default: the model directory's tokenizer; the offline Qwen2.5 one for presets
+    chat_template: str = ""  # a Jinja chat template that replaces the tokenizer's (default: the tokenizer's own)
     quantize: Literal["nf4", "none"] = "nf4"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"

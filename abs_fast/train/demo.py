@@ -152,19 +152,32 @@ def warm_start_base(seed: int = 0, cache_dir: Path | None = None, steps: int = W
     return target
 
 
+# What a demo run writes into its directory, and all that a rerun replaces: what the user made from an
+# earlier demo (eval/, exploit/, a report, ...) stays.
+DEMO_OUTPUTS = ("attacker", "defender", "checkpoints", "tensorboard", "config.json", "metrics.jsonl", "rewards.png")
+
+
 def run_demo(output: Path, steps: int = DEMO_STEPS, seed: int = 0, progress: bool = True) -> list[dict]:
     """Warm start (cached), then `steps` self-play steps into `output`; prints the summary. Returns the records.
-    `output` must be new, empty, or an earlier demo (which is replaced)."""
+    `output` must be new, empty, or an earlier demo, whose own outputs (DEMO_OUTPUTS) are replaced and
+    whose other contents are kept."""
     from abs_fast.train import Trainer, apply_overrides, plot_metrics, preset_config, read_metrics, summary_table
 
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
     run_dir = RunDirectory(output, "demo")  # refuses a file, a foreign folder or another kind of run
     run_dir.claim()
+    failed = True
     try:
-        for entry in output.iterdir():  # an earlier demo of our own: replaced (the marker and lock stay)
-            if entry.name not in (RUN_MARKER, ".abs-fast-lock"):
+        kept = []
+        for entry in sorted(output.iterdir()):  # an earlier demo of our own: its outputs are replaced
+            if entry.name in DEMO_OUTPUTS:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            elif entry.name not in (RUN_MARKER, ".abs-fast-lock"):
+                kept.append(entry.name + ("/" if entry.is_dir() else ""))
+        if kept:
+            logger.info("demo: kept %s from before in %s (made from the earlier demo's adapters, not this run's)",
+                        ", ".join(kept), output)
         print("abs-fast demo: ABS self-play (attacker + defender adapters) on the tiny model, CPU, with the HEURISTIC "
               "judge (keyword matching, not a safety judge). It shows the machinery, not safety results.")
         start = time.perf_counter()
@@ -191,6 +204,7 @@ def run_demo(output: Path, steps: int = DEMO_STEPS, seed: int = 0, progress: boo
               f"{output}/defender/ (PEFT adapters), metrics.jsonl, {plot.name}, tensorboard/, checkpoints/.")
         print(f"Next: abs-fast eval --policy {output} --suite xstest=PATH.csv --max-new-tokens 32, then "
               f"abs-fast report {output} (see the README's evaluation section).")
+        failed = False
         return records
     finally:
-        run_dir.close()
+        run_dir.close(failed=failed)

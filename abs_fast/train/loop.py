@@ -34,6 +34,7 @@ from abs_fast.game import (
 from abs_fast.io import RunDirectory, atomic_write_text, remove_stale_staging
 from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
 from abs_fast.train.build import (
+    adapter_base_info,
     check_before_loading,
     load_judge,
     load_policy_for,
@@ -139,7 +140,7 @@ class Trainer:
             self._build(config, judge, policy, tokenizer, resume, device, rank, seeds)
         except BaseException:
             if self.run_directory is not None and self._owns_run_directory:
-                self.run_directory.close()
+                self.run_directory.close(failed=True)
             raise
 
     def _claim_run_directory(self) -> None:
@@ -157,6 +158,7 @@ class Trainer:
         self.trained_roles = tuple(role for role in ROLES if self.adapters[role] is not None)
         self.trained_adapters = tuple(dict.fromkeys(self.adapters[role] for role in self.trained_roles))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(config)
+        self.base_info = adapter_base_info(config, self.tokenizer)  # saved beside every adapter
         self._check_prompt_budget(seeds)
         self._claim_run_directory()
         self.engine = None
@@ -296,7 +298,7 @@ class Trainer:
         state = {"data_position": self.stream.position, "mode": self.config.mode, "seed": self.config.seed,
                  "world_size": self.collective.world_size}
         return save_checkpoint(self.run_dir, self.step, self.policy, self.optimizer, rng, state,
-                               keep=self.config.keep_checkpoints)
+                               keep=self.config.keep_checkpoints, base_info=self.base_info)
 
     def _resume(self) -> int:
         checkpoint = latest_checkpoint(self.run_dir)
@@ -570,7 +572,7 @@ class Trainer:
                                           getattr(err, "exit_code", 130)) from None
         if self.collective.is_main:
             for name in self.trained_adapters:
-                self.policy.save_adapters(self.run_dir, names=[name])
+                self.policy.save_adapters(self.run_dir, names=[name], base_info=self.base_info)
         return records
 
     def close(self) -> None:
