@@ -229,7 +229,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                                                              "base_model_name_or_path)")
     parser.add_argument("--set", nargs="+", metavar="KEY=VALUE", help="config keys, e.g. judge=wildguard "
                                                                       "judge_model=DIR device=cuda")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="per turn (default 512, GAME.md section 6)")
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="per turn (default 512, docs/GAME.md section 6)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="safety suites and GSM8K for a policy's defender (and its attacker's diversity)",
         description="Answer every suite prompt with the policy's defender (greedy, batched through the engine), judge "
-                    "the answers, and report GAME.md section 6 rates with counts and 95%% intervals. GSM8K is "
+                    "the answers, and report docs/GAME.md section 6 rates with counts and 95% intervals. GSM8K is "
                     "answered by the defender and by the base. Writes eval.json, eval.md, generations.jsonl.")
     evaluate.add_argument("--policy", metavar="RUN_OR_ADAPTER_DIR", help="a training run directory or a PEFT "
                                                                          "adapter directory")

@@ -1,4 +1,4 @@
-"""The game: reward table (every cell of GAME.md section 4), format checker rules, WildGuard format,
+"""The game: reward table (every cell of docs/GAME.md section 4), format checker rules, WildGuard format,
 the heuristic judge, prompts, seed loading."""
 
 import csv
@@ -26,7 +26,7 @@ from abs_fast.game import (
 )
 from abs_fast.rollout import RolloutResult
 
-# --- rewards: the general-sum table, written out cell by cell from GAME.md section 4 ----------
+# --- rewards: the general-sum table, written out cell by cell from docs/GAME.md section 4 ----------
 
 ATTACKER_FAITHFULNESS = {("harmful", True): 0.5, ("harmful", False): -0.5,
                          ("benign", False): 0.5, ("benign", True): -0.5}  # (seed type, P harmful)

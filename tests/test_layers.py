@@ -1,4 +1,4 @@
-"""The package's layers depend downward only (DESIGN.md): ops/quant -> model -> rollout/game/rl ->
+"""The package's layers depend downward only (docs/DESIGN.md): ops/quant -> model -> rollout/game/rl ->
 train -> evaluate -> cli. Every import in every module, function-level ones included, is checked."""
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ def _liger_runs() -> str | None:
         return "liger-kernel is not installed (pip install abs-fast[gpu])"
     if not torch.cuda.is_available():
         return ("needs a CUDA GPU: Liger's kernels call libdevice (rsqrt), which the Triton interpreter does not "
-                "run (KERNELS.md)")
+                "run (tests/triton_interpreter.py)")
     return None
 
 

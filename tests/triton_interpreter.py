@@ -1,6 +1,6 @@
 """Test-harness patches for the Triton CPU interpreter (TRITON_INTERPRET=1), never used by the package.
 
-The stock interpreter (triton 3.x) has gaps that are not bugs in our kernels (KERNELS.md):
+The stock interpreter (triton 3.x) has gaps that are not bugs in our kernels:
 - bf16 operands of tl.dot are multiplied as their raw uint16 bits, and bf16 arithmetic likewise:
   both are computed here in fp32 and rounded back to bf16, as a GPU's fp32-accumulating MMA does;
 - fp32 -> bf16 casts truncate the mantissa; compiled Triton rounds to nearest even: so do we here;

@@ -1,4 +1,4 @@
-"""Evaluation (GAME.md section 6): safety suites and GSM8K, cross-play, attack diversity,
+"""Evaluation (docs/GAME.md section 6): safety suites and GSM8K, cross-play, attack diversity,
 collapse diagnostics, exploitability, and reports."""
 
 from abs_fast.evaluate.gsm8k import extract_final_number, gsm8k_messages, gsm8k_reference, numbers_match

@@ -3,7 +3,7 @@
 Every suite prompt (and every GSM8K question, once with the defender and once with the base) goes
 through the rollout engine (embedded, or an SGLang server the caller passes) in one batch, greedy
 by default; the safety answers are judged in one judge call. Rates come with counts and 95% Wilson
-intervals (GAME.md section 6).
+intervals (docs/GAME.md section 6).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalSettings:
-    max_new_tokens: int = 512  # GAME.md section 6
+    max_new_tokens: int = 512  # docs/GAME.md section 6
     temperature: float = 0.0  # greedy
     reasoning: bool = True  # the <think>/<answer> format the policy was trained with
     engine_max_batch: int = 64
@@ -67,7 +67,7 @@ def generate_wave(policy, tokenizer, requests: list[RolloutRequest], settings: E
 
 
 def safety_metrics(kind: str, items: Sequence[EvalItem], labels: Sequence) -> dict:
-    """GAME.md section 6 rates of one suite from its judge labels (JudgeLabels per item)."""
+    """docs/GAME.md section 6 rates of one suite from its judge labels (JudgeLabels per item)."""
     metrics: dict[str, Rate] = {"harmful_answer_rate": rate_of(lab.response_harmful for lab in labels)}
     for label in ("harmful", "benign"):
         chosen = [lab for item, lab in zip(items, labels, strict=True) if item.label == label]
@@ -226,7 +226,7 @@ def metric_title(name: str) -> str:
 
 
 def metric_order(suite: dict) -> list[str]:
-    """A suite's metric names: its headline metrics (GAME.md section 6) first, then the rest."""
+    """A suite's metric names: its headline metrics (docs/GAME.md section 6) first, then the rest."""
     headline = HEADLINE_METRICS.get(suite["kind"], ())
     return [m for m in headline if m in suite["metrics"]] + sorted(m for m in suite["metrics"] if m not in headline)
 

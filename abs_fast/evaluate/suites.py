@@ -1,4 +1,4 @@
-"""Evaluation suites read from local files in their native formats (GAME.md section 6).
+"""Evaluation suites read from local files in their native formats (docs/GAME.md section 6).
 
 A suite is given as NAME=PATH; the kind is NAME up to the first dot (so `xstest.v2=...` is a second
 XSTest file). Kinds and the columns each reads:
@@ -28,7 +28,7 @@ __all__ = ["HEADLINE_METRICS", "SAFETY_KINDS", "SUITE_KINDS", "EvalItem", "load_
 SAFETY_KINDS = ("xstest", "wildjailbreak", "wildguardtest", "harmbench", "orbench-hard", "orbench-toxic")
 SUITE_KINDS = (*SAFETY_KINDS, "gsm8k")
 
-# The metrics of GAME.md section 6 that each kind is read by (all others are in the JSON too).
+# The metrics of docs/GAME.md section 6 that each kind is read by (all others are in the JSON too).
 HEADLINE_METRICS = {
     "xstest": ("compliance_rate/benign", "refusal_rate/harmful", "harmful_answer_rate"),
     "wildjailbreak": ("compliance_rate/harmful", "compliance_rate/benign", "harmful_answer_rate"),

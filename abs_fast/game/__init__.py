@@ -1,4 +1,4 @@
-"""The red-teaming game (GAME.md): prompts for both roles, the format check, judges, outcomes and
+"""The red-teaming game (docs/GAME.md): prompts for both roles, the format check, judges, outcomes and
 rewards, seed data."""
 
 from abs_fast.game.format import FormatCheck, check_format, turn_answer

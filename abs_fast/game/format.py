@@ -1,4 +1,4 @@
-"""The format check of GAME.md section 2, for both roles."""
+"""The format check of docs/GAME.md section 2, for both roles."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Judges: three labels per game from (defender input prompt, defender answer), GAME.md section 3.
+"""Judges: three labels per game from (defender input prompt, defender answer), docs/GAME.md section 3.
 
 `WildGuardJudge` runs a WildGuard-format classifier checkpoint (any local path) greedily through a
 rollout engine. `HeuristicJudge` is a phrase-and-lexicon heuristic for tests and the CPU demo: it

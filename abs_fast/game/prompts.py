@@ -1,4 +1,4 @@
-"""The two roles' prompts (GAME.md section 2), in abs-fast's own wording.
+"""The two roles' prompts (docs/GAME.md section 2), in abs-fast's own wording.
 
 The attacker gets a red-teaming system message and the seed with an instruction that depends on the
 seed's type; the defender gets no system message of the game's own and sees only the query. With

@@ -1,4 +1,4 @@
-"""Outcomes and rewards of one game (GAME.md section 4).
+"""Outcomes and rewards of one game (docs/GAME.md section 4).
 
 Variants: "general-sum" (the default table), "zero-sum" (the attacker gets minus the defender's
 outcome terms; each role keeps its own format term) and "all-one" (every coefficient magnitude 1).

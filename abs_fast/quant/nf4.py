@@ -1,6 +1,6 @@
 """NF4 weights in bitsandbytes' format, quantised bit-identically to its `quantize_4bit(quant_type="nf4")`.
 
-Format (KERNELS.md): the weight is flattened row-major and cut into blocks of `blocksize` elements.
+Format (bitsandbytes NF4): the weight is flattened row-major and cut into blocks of `blocksize` elements.
 Each block stores one absmax, and each element stores the index (4 bits) of the NF4 code value
 nearest to element / absmax. Element 2j goes in the high nibble of byte j, element 2j+1 in the low
 nibble. With double quantisation (bitsandbytes' `compress_statistics=True`), the absmax values minus

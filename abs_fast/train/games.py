@@ -1,5 +1,5 @@
 """The games of one self-play step: what each game holds as it is played, judged and scored, and the
-step's game metrics (GAME.md sections 2-4)."""
+step's game metrics (docs/GAME.md sections 2-4)."""
 
 from __future__ import annotations
 

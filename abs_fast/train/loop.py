@@ -1,4 +1,4 @@
-"""The self-play loop (DESIGN.md "Data flow of one self-play step").
+"""The self-play loop (docs/DESIGN.md, "One self-play step").
 
 Per step: take seeds, split them into generated and vanilla games; wave 1 (attacker turns of
 generated games with defender turns of vanilla games, one engine batch); wave 2 (defender turns of

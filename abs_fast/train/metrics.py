@@ -11,8 +11,8 @@ from pathlib import Path
 
 from abs_fast.io import atomic_write_bytes, atomic_write_text, figure_png
 
-__all__ = ["TIMING_PREFIXES", "MetricsLog", "figure_png", "plot_metrics", "read_metrics", "render_metrics_png",
-           "summary_table"]
+__all__ = ["TIMING_PREFIXES", "MetricsLog", "figure_png", "plot_metrics", "quarter_change", "read_metrics",
+           "render_metrics_png", "summary_table"]
 
 # Keys that measure the machine rather than the run: they differ between identical runs.
 TIMING_PREFIXES = ("seconds/", "tokens_per_second/", "games_per_second/", "peak_memory")
@@ -148,6 +148,20 @@ def _finite(records: list[dict], key: str) -> list[float]:
     return [float(r[key]) for r in records if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
 
 
+def quarter_change(records: list[dict], key: str) -> tuple[float | None, float | None, float | None, float | None]:
+    """(mean over the first quarter of the steps, mean over the last quarter, their difference, the
+    step-to-step noise: the standard deviation of consecutive differences over sqrt 2); None where a
+    quarter has nothing to count."""
+    quarter = max(1, len(records) // 4)
+    a, b, every = _finite(records[:quarter], key), _finite(records[-quarter:], key), _finite(records, key)
+    mean_a = sum(a) / len(a) if a else None
+    mean_b = sum(b) / len(b) if b else None
+    diffs = [y - x for x, y in itertools.pairwise(every)]
+    noise = (sum(d * d for d in diffs) / len(diffs) / 2) ** 0.5 if diffs else None
+    change = mean_b - mean_a if mean_a is not None and mean_b is not None else None
+    return mean_a, mean_b, change, noise
+
+
 def summary_table(records: list[dict]) -> str:
     """The headline metrics over the first and the last quarter of the steps (means), the change, and
     the step-to-step noise (the standard deviation of consecutive differences over sqrt 2): a change
@@ -162,12 +176,7 @@ def summary_table(records: list[dict]) -> str:
     for key, label in _SUMMARY_KEYS:
         if not any(key in r for r in records):
             continue
-        a, b, every = _finite(first, key), _finite(last, key), _finite(records, key)
-        mean_a = sum(a) / len(a) if a else None
-        mean_b = sum(b) / len(b) if b else None
-        diffs = [y - x for x, y in itertools.pairwise(every)]
-        noise = (sum(d * d for d in diffs) / len(diffs) / 2) ** 0.5 if diffs else None
-        change = mean_b - mean_a if mean_a is not None and mean_b is not None else None
+        mean_a, mean_b, change, noise = quarter_change(records, key)
         cell = lambda v: "n/a" if v is None else f"{v:.3f}"
         marked = change is not None and noise is not None and abs(change) > noise
         missing |= mean_a is None or mean_b is None

@@ -1,4 +1,4 @@
-"""One RL update over a batch of sampled responses of both roles (DESIGN.md steps 4 and 5).
+"""One RL update over a batch of sampled responses of both roles (docs/DESIGN.md, "One self-play step", 4 and 5).
 
 1. One no-grad pass over packed rows for the old-policy log-probs (each sample under its own
    adapter) and the reference log-probs (the same tokens under adapter id -1, the base): both in
