@@ -186,6 +186,46 @@ def test_packed_attention_backends_agree_on_cpu(rng_seed):
         assert_close_rel(got, dense_mask_attention(q, k, v, docs, window), FP32_REL, f"window {window}")
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_the_varlen_path_takes_grouped_heads(window):
+    """torch >= 2.13 refuses Hq != Hkv unless enable_gqa=True. The varlen path passes it: on CPU the
+    call reaches the kernel (NotImplementedError: FlashAttention has no CPU kernel), never the
+    head-count ValueError."""
+    if attention._torch_varlen() is None or "enable_gqa" not in attention._varlen_parameters():
+        pytest.skip("this torch's varlen_attn has no enable_gqa")
+    docs = Documents.from_lengths([4, 6], "cpu")
+    q, k, v = torch.randn(10, 4, 16, dtype=torch.bfloat16), *torch.randn(2, 10, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="_flash_attention_forward"):
+        packed_attention(q, k, v, docs, window, "torch-varlen")
+
+
+def test_a_varlen_without_enable_gqa_leaves_grouped_heads_to_sdpa(monkeypatch, rng_seed):
+    """A torch whose varlen_attn has no enable_gqa (before 2.13) or no window_size (2.10): calls it
+    cannot express go to per-document SDPA (equal to the dense formulation); the others reach varlen."""
+    calls = []
+
+    def fake_varlen(q, k, v, *args, **kwargs):
+        calls.append((q.shape[1], k.shape[1], kwargs))
+        return torch.zeros_like(q)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake_varlen)
+    gen = torch.Generator().manual_seed(rng_seed)
+    docs = Documents.from_lengths([3, 5], "cpu")
+    q, k, v = (torch.randn(8, h, 16, generator=gen) for h in (4, 2, 2))
+    monkeypatch.setattr(attention, "_varlen_parameters", lambda: frozenset({"scale", "window_size"}))
+    assert_close_rel(packed_attention(q, k, v, docs, None, "torch-varlen"), dense_mask_attention(q, k, v, docs, None),
+                     FP32_REL, "GQA without enable_gqa")
+    assert not calls
+    packed_attention(q, k[:, [0, 0, 1, 1]], v[:, [0, 0, 1, 1]], docs, None, "torch-varlen")  # MHA: varlen
+    assert calls == [(4, 4, {"scale": 0.25, "window_size": (-1, 0)})]
+    monkeypatch.setattr(attention, "_varlen_parameters", lambda: frozenset({"scale", "is_causal", "enable_gqa"}))
+    packed_attention(q, k, v, docs, None, "torch-varlen")
+    assert calls[-1] == (4, 2, {"scale": 0.25, "is_causal": True, "enable_gqa": True})
+    calls.clear()
+    windowed = packed_attention(q, k, v, docs, 2, "torch-varlen")  # no window_size: SDPA
+    assert not calls
+    assert_close_rel(windowed, dense_mask_attention(q, k, v, docs, 2), FP32_REL, "window without window_size")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 64])
 def test_torch_varlen_equals_per_document_sdpa_on_gpu(window, rng_seed):
@@ -193,6 +233,8 @@ def test_torch_varlen_equals_per_document_sdpa_on_gpu(window, rng_seed):
     forward and backward."""
     if attention._torch_varlen() is None:
         pytest.skip("this torch has no torch.nn.attention.varlen")
+    if attention._varlen_options(True, window) is None:
+        pytest.skip("this torch's varlen_attn cannot take grouped heads (no enable_gqa): GQA takes the SDPA path")
     gen = torch.Generator(device="cuda").manual_seed(rng_seed)
     docs = Documents.from_lengths([300, 1, 517, 64], "cuda")
     T = docs.num_tokens

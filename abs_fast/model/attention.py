@@ -23,6 +23,7 @@ triton) override the automatic choice; `abs-fast info` shows what runs.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 import os
@@ -53,6 +54,13 @@ def _torch_varlen():
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    """The keyword parameters of the installed torch's varlen_attn: `enable_gqa` came with torch 2.13
+    (which refuses Hq != Hkv without it), `window_size` with 2.11 (2.10 has `is_causal`)."""
+    return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
 def _requested(variable: str, choices: Sequence[str]) -> str:
@@ -239,11 +247,30 @@ def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document
     """Causal attention within each document: q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "torch-varlen":
-        cu = documents.cu_seqlens
-        window_size = (-1, 0) if window is None else (window - 1, 0)
-        return _torch_varlen()(q, k, v, cu, cu, documents.max_len, documents.max_len, scale=scale,
-                               window_size=window_size)
+        options = _varlen_options(q.shape[1] != k.shape[1], window)
+        if options is not None:
+            cu = documents.cu_seqlens
+            return _torch_varlen()(q, k, v, cu, cu, documents.max_len, documents.max_len, scale=scale, **options)
     return _sdpa_documents(q, k, v, documents.lengths, window, scale)
+
+
+def _varlen_options(gqa: bool, window: int | None) -> dict | None:
+    """varlen_attn's keyword options for causal attention (within `window`) that the installed torch
+    takes, or None when it cannot express the call (grouped heads without `enable_gqa`, a sliding
+    window without `window_size`): the caller then takes the SDPA path."""
+    parameters = _varlen_parameters()
+    options: dict = {}
+    if "window_size" in parameters:
+        options["window_size"] = (-1, 0) if window is None else (window - 1, 0)
+    elif window is None and "is_causal" in parameters:
+        options["is_causal"] = True
+    else:
+        return None
+    if gqa:
+        if "enable_gqa" not in parameters:
+            return None
+        options["enable_gqa"] = True
+    return options
 
 
 # ---------------------------------------------------------------------------------------------
