@@ -424,6 +424,50 @@ def test_resume_takes_the_new_learning_rate(tmp_path, caplog):
     assert record["lr/defender"] == 2e-4 and record["lr/attacker"] == 1e-3
 
 
+class _CudaGeneratorDouble:
+    """Stands in for a CUDA torch.Generator: its device is cuda, and, as torch's, set_state takes only a
+    CPU ByteTensor (the state of a CUDA generator lives on the host)."""
+
+    def __init__(self, inner: torch.Generator):
+        self.inner, self.device, self.states = inner, torch.device("cuda", 0), []
+
+    def set_state(self, state: torch.Tensor) -> None:
+        if state.device.type != "cpu" or state.dtype != torch.uint8:
+            raise RuntimeError(f"expected a CPU ByteTensor, got {state.dtype} on {state.device}")
+        self.states.append(state.clone())
+        self.inner.set_state(state)
+
+    def get_state(self) -> torch.Tensor:
+        return self.inner.get_state()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_resume_restores_a_cuda_generator_from_host_state(tmp_path, monkeypatch):
+    """--resume hands the engine's generator its saved state as a CPU ByteTensor, as a CUDA generator
+    requires (moving it to the generator's device fails there)."""
+    import abs_fast.train.loop as loop
+
+    Trainer(_config(tmp_path, "steps=1", "checkpoint_every=1")).train()
+
+    class Engine(loop.EmbeddedEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.generator = _CudaGeneratorDouble(self.generator)
+    monkeypatch.setattr(loop, "EmbeddedEngine", Engine)
+    resumed = Trainer(_config(tmp_path, "steps=2"), resume=True)
+    saved = load_checkpoint_rng(latest_checkpoint(tmp_path))["engine"]
+    assert len(resumed.engine.generator.states) == 1
+    assert torch.equal(resumed.engine.generator.states[0], saved)
+
+
+def load_checkpoint_rng(checkpoint) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "rng.safetensors")
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tmp_path):
     """Kill -9 a training process right after its second checkpoint (every step checkpoints, so the

@@ -323,7 +323,7 @@ class Trainer:
             if "update" in rng:
                 self.update_rng.set_state(rng["update"])
             if isinstance(self.engine, EmbeddedEngine) and "engine" in rng:
-                self.engine.generator.set_state(rng["engine"].to(self.engine.generator.device))
+                self.engine.generator.set_state(rng["engine"].cpu())  # a CUDA generator's state is a CPU tensor too
             if torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
                                               if f"cuda{i}" in rng])
