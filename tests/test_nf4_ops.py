@@ -228,3 +228,30 @@ def test_compiled_nf4_kernels_at_qwen_shapes(shape, nf4_path_name, rng_seed, mon
     monkeypatch.setenv("ABS_FAST_NF4_PATH", nf4_path_name)
     N, K = shape
     check("triton", Case(T=1531, K=K, N=N, n_adapters=3, rank=16), torch.bfloat16, rng_seed)
+
+
+def test_the_code_table_moves_to_a_device_once():
+    """Dequantising on a device copies the 16-value code table there once per process, never per call
+    (a copy inside a CUDA graph capture would bake a transient table into the graph)."""
+    import dataclasses
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.tables = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default) and args[0].shape == (16,):
+                self.tables += 1
+            return func(*args, **(kwargs or {}))
+
+    q = NF4Weight.quantize(torch.randn(8, 64), 64, double_quant=True)
+    on_meta = dataclasses.replace(q, **{f.name: getattr(q, f.name).to("meta") for f in dataclasses.fields(q)
+                                        if isinstance(getattr(q, f.name), torch.Tensor)})
+    on_meta.dequantize(torch.float32)  # the first use on this device may move it
+    with Copies() as copies:
+        for _ in range(3):
+            on_meta.dequantize(torch.float32)
+    assert copies.tables == 0

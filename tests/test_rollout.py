@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -399,3 +400,98 @@ def test_cuda_graph_replay_equals_eager_decoding(hf_and_dir, rng_seed):
     for a, b in zip(graphed.generate(requests), eager.generate(requests), strict=True):
         assert a.token_ids == b.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-3
+
+
+class _ReadStorages(torch.utils._python_dispatch.TorchDispatchMode):
+    """The storages an op reads that no op inside the mode made: what a CUDA graph of the region
+    would read by address from outside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.made, self.read = set(), {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.made:
+                self.read.setdefault(t.untyped_storage().data_ptr(), (str(func), tuple(t.shape)))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def _decode_reads(engine, count):
+    with _ReadStorages() as mode:
+        engine._decode_logits(count)
+    return mode.read
+
+
+def test_graph_fingerprint_covers_what_a_decode_step_reads_and_adapter_reloads_reach_it(hf_and_dir, tmp_path):
+    """Every storage the decode step (the region a CUDA graph captures) reads from outside is in the
+    engine's graph fingerprint, but for the process-lifetime NF4 code table. Loading new adapter
+    weights (new values, a new alpha, same rank) leaves the fingerprint and the storages read as they
+    were, holding the new values, so a captured graph's replay sees them; a new rank changes the
+    fingerprint, so the graphs are captured again."""
+    from abs_fast.quant.nf4 import code_table
+
+    _, path = hf_and_dir
+    policy = load_policy(path, quantize="nf4", device="cpu", rank=4, alpha=8)
+    engine = EmbeddedEngine(policy, max_batch=4, max_seq_len=24, seed=0)
+    engine.generate([RolloutRequest(p, a, SamplingParams(max_new_tokens=2, ignore_eos=True))
+                     for p, a in zip(_prompts(0, [3, 5]), ["attacker", "defender"], strict=True)])
+    fingerprint = engine._graph_fingerprint()
+    reads = _decode_reads(engine, 2)
+    lifetime = {code_table("cpu").untyped_storage().data_ptr()}
+    outside = {ptr: what for ptr, what in reads.items() if ptr not in set(fingerprint) | lifetime}
+    assert not outside, f"read by the decode step but not in the fingerprint: {list(outside.values())[:5]}"
+
+    donor = load_policy(path, quantize=None, device="cpu", rank=4, alpha=8, adapters=("attacker",), seed=3)
+    with torch.no_grad():
+        for layer in donor.target_layers().values():
+            layer.lora_B["attacker"].normal_(0, 0.1)
+    donor.save_adapters(tmp_path / "same-rank")
+    config = json.loads((tmp_path / "same-rank" / "attacker" / "adapter_config.json").read_text())
+    config["lora_alpha"] = 20  # a new scaling for every layer
+    (tmp_path / "same-rank" / "attacker" / "adapter_config.json").write_text(json.dumps(config))
+    scaling_before = [layer.scaling.clone() for layer in policy.target_layers().values()]
+    policy.load_adapter(tmp_path / "same-rank" / "attacker", "attacker")
+    assert engine._graph_fingerprint() == fingerprint
+    assert set(_decode_reads(engine, 2)) == set(reads), "a reload moved a tensor the captured graph reads"
+    layer = next(iter(policy.target_layers().values()))
+    assert layer.scaling[layer.adapter_id("attacker")] == 5.0 and not torch.equal(layer.scaling, scaling_before[0])
+
+    wider = load_policy(path, quantize=None, device="cpu", rank=8, alpha=8, adapters=("attacker",), seed=4)
+    wider.save_adapters(tmp_path / "wider")
+    policy.load_adapter(tmp_path / "wider" / "attacker", "attacker")
+    assert engine._graph_fingerprint() != fingerprint  # new stacks: the graphs are captured again
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graphs_on_the_real_decode_path_see_adapters_loaded_after_capture(hf_and_dir, tmp_path, monkeypatch,
+                                                                             rng_seed):
+    """The decode path the engine takes on a GPU (no forced backend: Triton or native NF4 decode,
+    Triton decode attention) captured in CUDA graphs equals eager decoding, before and after new
+    adapter weights (new values and alpha, same rank) are loaded into the captured policy."""
+    monkeypatch.setenv("ABS_FAST_BACKEND", "auto")
+    _, path = hf_and_dir
+    policy = load_policy(path, quantize="nf4", device="cuda", rank=4, alpha=8)
+    donor = load_policy(path, quantize=None, device="cpu", rank=4, alpha=16, adapters=("defender",), seed=rng_seed)
+    with torch.no_grad():
+        for layer in donor.target_layers().values():
+            layer.lora_B["defender"].normal_(0, 0.2)
+    donor.save_adapters(tmp_path)
+    prompts = _prompts(rng_seed, [3, 9, 5, 2])
+    requests = [RolloutRequest(p, a, SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+                for p, a, n in zip(prompts, ["attacker", "defender", None, "defender"], [12, 5, 9, 7], strict=True)]
+    graphed = EmbeddedEngine(policy, max_batch=8, max_seq_len=40, seed=rng_seed, cuda_graphs=True)
+    eager = EmbeddedEngine(policy, max_batch=8, max_seq_len=40, seed=rng_seed, cuda_graphs=False)
+    assert graphed.cuda_graphs
+    for reload in (False, True):
+        if reload:
+            policy.load_adapter(tmp_path / "defender", "defender")
+        for a, b in zip(graphed.generate(requests), eager.generate(requests), strict=True):
+            assert a.token_ids == b.token_ids, f"after reload={reload}"
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) <= 1e-3
+        assert graphed.stats.graph_replays > 0  # the graphs ran (reset by each generate)

@@ -188,8 +188,13 @@ class MultiLoRALinear(nn.Module):
         self._restack()
 
     def _refresh_scaling(self) -> None:
-        values = [self.alphas[n] / self.ranks[n] for n in self.adapter_names]
-        self.scaling = torch.tensor(values, dtype=torch.float32, device=self.device)
+        """scaling[i] = alpha / rank of adapter i, written in place while the number of adapters is
+        unchanged: a captured CUDA graph reads it by address, so new alphas reach its replays."""
+        values = torch.tensor([self.alphas[n] / self.ranks[n] for n in self.adapter_names], dtype=torch.float32)
+        if self.scaling.numel() == values.numel() and self.scaling.device == self.device:
+            self.scaling.copy_(values)
+        else:
+            self.scaling = values.to(self.device)
 
     def _restack(self) -> None:
         """Move every adapter's parameters into one fresh stacked pair (zero-padded to the largest

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from abs_fast.ops.backend import requested_backend, select_backend, triton_interpreting
 from abs_fast.ops.nf4 import (
     NF4_DECODE_MAX_ROWS,
-    code_table,
     native_unsupported_reason,
     nf4_decode_choice,
     nf4_dequantize,
@@ -26,7 +25,7 @@ from abs_fast.ops.nf4 import (
     nf4_path,
 )
 from abs_fast.ops.routing import AdapterRouting, SegmentPlan
-from abs_fast.quant.nf4 import NF4Weight
+from abs_fast.quant.nf4 import NF4Weight, code_table
 
 __all__ = ["KernelConfig", "lora_linear", "lora_linear_reference"]
 

@@ -6,13 +6,12 @@ dequantises in forward and again in backward, so autograd never holds a dense co
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from abs_fast.ops.backend import select_backend
-from abs_fast.quant.nf4 import NF4_CODE, NF4Weight
+from abs_fast.quant.nf4 import NF4Weight, code_table
 
 __all__ = ["NF4_BUFFER_MIN_TOKENS", "NF4_DECODE_MAX_ROWS", "NF4_PATHS", "nf4_decode_choice", "nf4_dequantize",
            "nf4_path"]
@@ -54,14 +53,6 @@ def nf4_decode_choice() -> str:
     return name
 
 
-@functools.cache
-def _code_on(device: torch.device) -> torch.Tensor:
-    return NF4_CODE.to(device)
-
-
-def code_table(device: torch.device) -> torch.Tensor:
-    """The 16 NF4 code values (fp32) on `device`, cached."""
-    return _code_on(torch.device(device))
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["NF4_CODE", "NF4Weight", "dynamic_code"]
+__all__ = ["NF4_CODE", "NF4Weight", "code_table", "dynamic_code"]
 
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -38,6 +38,19 @@ NF4_CODE = torch.tensor([
 
 NESTED_BLOCKSIZE = 256  # blocks of absmax values per fp32 scale under double quantisation
 _CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time: bounds the working memory of a huge layer
+
+
+
+
+@functools.cache
+def _code_on(device: torch.device) -> torch.Tensor:
+    return NF4_CODE.to(device)
+
+
+def code_table(device: torch.device | str) -> torch.Tensor:
+    """The 16 NF4 code values (fp32) on `device`, moved there once per device: no copy inside a
+    forward, so nothing moves or allocates a table inside a CUDA graph capture."""
+    return _code_on(torch.device(device))
 
 
 NF4_ZERO_INDEX = 7  # NF4_CODE[7] == 0.0: bitsandbytes fills the spare nibble of an odd count with it
@@ -74,7 +87,7 @@ def _quantize_nf4_blocks(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tens
     as bitsandbytes' `quantize_4bit` computes them."""
     n = flat.numel()
     n_full = n - n % blocksize
-    bounds = _midpoints(NF4_CODE.to(flat.device))
+    bounds = _midpoints(code_table(flat.device))
     indices = torch.empty(n, dtype=torch.uint8, device=flat.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=flat.device)
     chunk = _CHUNK_BLOCKS * blocksize
@@ -206,7 +219,7 @@ class NF4Weight:
         codes = torch.empty(self.packed.numel() * 2, dtype=torch.long, device=self.device)
         codes[0::2] = (self.packed >> 4).long()
         codes[1::2] = (self.packed & 0xF).long()
-        values = NF4_CODE.to(self.device)[codes[: self.numel]]
+        values = code_table(self.device)[codes[: self.numel]]
         out = _expand_blocks(values, self.block_absmax(), self.blocksize)
         return out.view(self.shape).to(dtype or self.dtype)
 

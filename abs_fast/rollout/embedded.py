@@ -319,9 +319,16 @@ class EmbeddedEngine:
     # --- CUDA graphs ----------------------------------------------------------------------
 
     def _graph_fingerprint(self) -> tuple:
-        """What a captured graph holds pointers to: the adapters' storage of every layer, the cache."""
-        layers = self.policy.model.target_layers().values()
-        return (self.cache.k.data_ptr(), *(layer._stacks[0].data_ptr() if layer._stacks else 0 for layer in layers))
+        """The addresses of every tensor a captured decode step reads: the model's parameters and
+        buffers (NF4 codes and scales, biases, norms, the head, each layer's adapter scaling), each
+        layer's stacked adapters, the KV cache and the slot state. Any change of address (a replaced
+        tensor) drops the captured graphs; values written in place reach the replays as they are."""
+        model = self.policy.model
+        slots = self._slots  # the step's inputs keep their storage for the engine's life
+        tensors = [*model.parameters(), *model.buffers(), self.cache.k, self.cache.v, slots.last_token,
+                   slots.cached, slots.adapter]
+        stacks = [t for layer in model.target_layers().values() for t in (layer._stacks or ())]
+        return tuple(t.data_ptr() for t in (*tensors, *stacks))
 
     def _check_graphs(self) -> None:
         if self.cuda_graphs and self._graph_key != self._graph_fingerprint():
