@@ -92,3 +92,70 @@ def test_two_gloo_ranks_take_the_single_process_step_on_the_union(tmp_path, monk
     checkpoint = latest_checkpoint(tmp_path / "run")
     rng = load_file(str(checkpoint / "rng.safetensors"))
     assert "trainer" in rng and "rank1.trainer" in rng and torch.equal(rng["trainer"], rng["rank1.trainer"])
+
+
+# --- devices and collectives, without a GPU ------------------------------------------------------
+
+def test_a_cuda_device_with_an_index_becomes_the_current_device(monkeypatch):
+    """device=cuda:N in one process makes GPU N current: Triton, graph streams and the native library
+    follow the current device, not the tensors'."""
+    from abs_fast.train.distributed import init_distributed
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for device in ("cuda:3", "cuda", "cpu", "auto"):
+        assert init_distributed(device)[1] == device
+    assert chosen == [3]
+
+
+def test_collectives_wait_as_long_as_a_server_may_take_to_start(monkeypatch, tmp_path):
+    """The process group's timeout is the one the trainer passes: at least sglang_startup_timeout."""
+    import datetime
+
+    import abs_fast.train.loop as loop
+    from abs_fast.train import apply_overrides, preset_config
+    from abs_fast.train.distributed import init_distributed
+
+    seen = {}
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    init_distributed("cpu", timeout_s=1500.0)
+    assert seen["backend"] == "gloo" and seen["timeout"] == datetime.timedelta(seconds=1500)
+
+    def stop(device, timeout_s):
+        seen["trainer_timeout"] = timeout_s
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(loop, "init_distributed", stop)
+    config = apply_overrides(preset_config("tiny"), ["rollout_engine=sglang", "sglang_startup_timeout=1800",
+                                                     "device=cpu", "check_memory=false", f"model={tmp_path}",
+                                                     f"output={tmp_path / 'run'}"])
+    with pytest.raises(RuntimeError, match="stop here"):
+        loop.Trainer(config)
+    assert seen["trainer_timeout"] >= 1800
+
+
+def test_non_contiguous_adapter_parameters_are_broadcast_through_a_contiguous_copy(monkeypatch):
+    """Adapters of different ranks in one layer: the smaller one's B is a strided view of the stack,
+    which NCCL refuses; it travels through a contiguous buffer and lands back in the view."""
+    from abs_fast.model.lora import MultiLoRALinear
+    from abs_fast.train.distributed import Collective
+
+    layer = MultiLoRALinear(8, 6)
+    layer.add_adapter("attacker", rank=2, alpha=4)
+    layer.add_adapter("defender", rank=4, alpha=4)
+    params = [layer.lora_A["attacker"], layer.lora_B["attacker"], layer.lora_B["defender"]]
+    assert not params[1].is_contiguous()
+
+    def broadcast(tensor, src):  # NCCL's rule; rank 0 sends sevens
+        if not tensor.is_contiguous():
+            raise ValueError("Tensors must be contiguous")
+        tensor.fill_(7.0)
+    monkeypatch.setattr(torch.distributed, "broadcast", broadcast)
+    Collective(rank=1, world_size=2).broadcast_parameters(params)
+    for p in params:
+        assert torch.equal(p, torch.full_like(p, 7.0))
+    stack_b = layer._stacks[1]
+    assert torch.equal(stack_b[0, :, :2], torch.full((6, 2), 7.0)) and not stack_b[0, :, 2:].any()

@@ -21,8 +21,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.5.23"
 CHECKS = ["version", "generate_request", "adapter_routes", "adapter_files_with_patterns",
-          "adapter_files_from_a_policy", "tensor_route", "server_arguments", "server_routes_and_environment",
-          "finish_reasons"]
+          "adapter_files_from_a_policy", "tensor_route", "server_arguments", "guarded_options_as_sglang_reads_them",
+          "server_routes_and_environment", "finish_reasons"]
 
 
 def _environment_dir() -> Path:

@@ -699,3 +699,109 @@ def test_protocol_rank_and_alpha_patterns_are_folded_for_sglangs_loader(rng_seed
             torch.testing.assert_close(b2 @ a2 * (folded["lora_alpha"] / folded["r"]), want)
     plain = {"r": 4, "lora_alpha": 8.0, "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False}
     assert fold_patterns(plain, tensors) == (plain, tensors)
+
+
+GIB = 2**30
+
+
+def _fake_gpu(monkeypatch, free_gib: list[float]) -> list[str]:
+    """CUDA as the engine sees it on one 141 GiB GPU: mem_get_info answers `free_gib` in turn; returns
+    the log of cache releases and caps."""
+    calls = []
+    free = iter(free_gib)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (int(next(free) * GIB), 141 * GIB))
+    return calls
+
+
+def test_protocol_the_server_gpu_share_is_measured_and_a_restart_that_cannot_fit_is_refused(tmp_path, journal,
+                                                                                           monkeypatch):
+    """The first start measures what the server took (80 -> 20 GiB free: 60 GiB) after releasing this
+    process's cached blocks; a restart that finds 50 GiB free (the trainer grew) is refused with the
+    numbers, one that finds 70 GiB starts."""
+    calls = _fake_gpu(monkeypatch, [80, 20, 50, 70, 10])
+    with SGLangEngine(settings=settings_for(tmp_path, journal)) as engine:
+        assert engine.gpu_free_after_start == 20 * GIB and engine._server.gpu_bytes == 60 * GIB
+        assert calls == ["empty_cache", "empty_cache"]
+        with pytest.raises(SGLangServerError, match=r"took 60\.0 GiB .* 50\.0 GiB are free now"):
+            engine._restart("test")
+        engine._restart("test")  # 70 GiB free: fits
+        assert engine.restarts == 1 and engine.gpu_free_after_start == 20 * GIB  # measured once
+
+
+def test_a_trainer_sharing_the_gpu_caps_its_allocator_at_what_the_server_left(monkeypatch):
+    from types import SimpleNamespace
+
+    from abs_fast.train.loop import Trainer
+
+    caps = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=100 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 2 * GIB)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: caps.append((f, device)))
+    trainer = SimpleNamespace(rank_device="cuda:1")
+    Trainer._share_gpu_with(trainer, SimpleNamespace(gpu_free_after_start=30 * GIB))
+    assert caps == [(pytest.approx(0.32), torch.device("cuda", 1))]
+    Trainer._share_gpu_with(trainer, SimpleNamespace(gpu_free_after_start=None))  # attached or CPU: no cap
+    assert len(caps) == 1
+
+
+def test_protocol_guarded_options_are_refused_in_any_spelling_sglang_accepts():
+    """SGLang's argparse expands unambiguous prefixes (--hos is --host). Without SGLang's option list,
+    any prefix of an option the engine owns or refuses counts as that option; with it, the options
+    resolve exactly as argparse resolves them."""
+    from abs_fast.rollout.sglang_server import resolve_option, tensor_parallel_size
+
+    base = dict(model_path="m", max_lora_rank=8, lora_target_modules=("q_proj",))
+    for args, what in ((("--hos", "0.0.0.0"), "--host"), (("--hos=0.0.0.0",), "--host"), (("--po", "1"), "--port"),
+                       (("--api", "k"), "--api-key"), (("--admin-api", "k"), "--admin-api-key"),
+                       (("--data-p", "2"), "data-parallel"), (("--enable-lo",), "--enable-lora"),
+                       (("--lora-p", "a=b"), "--lora-paths")):
+        with pytest.raises(ValueError, match=what):
+            server_command(ServerSettings(**base, extra_args=args), 1)
+    command = server_command(ServerSettings(**base, extra_args=("--mem-fraction-static", "0.4", "--tp-size", "2")), 1)
+    assert command[-4:] == ["--mem-fraction-static", "0.4", "--tp-size", "2"]
+    known = ("--host", "--hot-reload", "--port", "--tp-size", "--tensor-parallel-size", "--mem-fraction-static")
+    assert resolve_option("--hos", known) == "--host" and resolve_option("--mem", known) == "--mem-fraction-static"
+    assert resolve_option("--ho", known) == "--ho"  # ambiguous: argparse refuses it, so the server does not start
+    assert tensor_parallel_size(["--tp", "2"]) == 2 and tensor_parallel_size(["--tensor-parallel-size=4"]) == 4
+    assert tensor_parallel_size(["--mem-fraction-static", "0.4"]) == 1
+    with pytest.raises(ValueError, match="whole number"):
+        tensor_parallel_size(["--tp-size", "two"])
+
+
+def test_protocol_the_server_gets_this_process_gpu_through_an_inherited_mask(monkeypatch):
+    """Under SLURM or Kubernetes the trainer sees CUDA_VISIBLE_DEVICES=4,5,6,7: its GPU 1 is the
+    machine's 5, and that is what the server it launches must be given."""
+    from abs_fast.rollout.sglang_server import visible_gpu
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpu(1) == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert visible_gpu(0) == "4" and visible_gpu(1) == "5"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f0e,GPU-11aa")
+    assert visible_gpu(1) == "GPU-11aa"
+    with pytest.raises(ValueError, match="not among the 2"):
+        visible_gpu(2)
+
+
+def test_protocol_tensor_parallel_servers_under_torchrun_and_a_missing_interpreter_are_refused(tmp_path,
+                                                                                           monkeypatch):
+    from abs_fast.train import apply_overrides, preset_config
+    from abs_fast.train.build import check_before_loading
+
+    config = apply_overrides(preset_config("tiny"), ["rollout_engine=sglang", f"model={tmp_path}",
+                                                     "sglang_args=--tp 2"])
+    check_before_loading(config)  # one process may run a tensor-parallel server
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"tensor parallelism 2.*torchrun"):
+        check_before_loading(config)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(FileNotFoundError, match="sglang_python"):
+        check_before_loading(apply_overrides(config, [f"sglang_python={tmp_path / 'nope' / 'python'}"]))
+    python = tmp_path / "venv-python"
+    python.write_text("#!/bin/sh\nexec python3 \"$@\"\n")
+    python.chmod(0o755)
+    settings = ServerSettings(model_path="m", max_lora_rank=8, lora_target_modules=("q_proj",), python=str(python))
+    assert server_command(settings, 1)[0] == str(python)

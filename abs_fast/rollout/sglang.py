@@ -387,6 +387,11 @@ class SGLangEngine:
     def server_log(self) -> Path | None:
         return self._server.log_path if self._server is not None else None
 
+    @property
+    def gpu_free_after_start(self) -> int | None:
+        """Bytes the launched server left free on its GPU when it first started (None: attached, or no CUDA)."""
+        return self._server.gpu_free_after_start if self._server is not None else None
+
     def _check_attached(self) -> None:
         try:
             status, body = http_json(self.url + "/health", timeout=30, key=self._api_key)

@@ -22,13 +22,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["MIN_SGLANG_VERSION", "SGLangRequestError", "SGLangServer", "SGLangServerError", "ServerSettings",
            "ServerUnreachable", "auth_hint", "check_key_transport", "error_text", "free_port", "http_json",
-           "is_loopback_url", "ram_directory", "read_server_info", "server_command", "server_environment",
-           "tail"]
+           "is_loopback_url", "ram_directory", "read_server_info", "resolve_option", "server_command",
+           "server_environment", "server_options", "tail", "tensor_parallel_size", "visible_gpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class ServerSettings:
     dtype: str = "auto"
     seed: int = 0
     extra_args: tuple[str, ...] = ()
-    gpu: int | None = None  # CUDA_VISIBLE_DEVICES for the server process
+    gpu: int | None = None  # this process's GPU index the server runs on (mapped through CUDA_VISIBLE_DEVICES)
+    python: str = ""  # the interpreter that runs SGLang (its own environment); default: this one
     startup_timeout: float = 900.0
     log_path: str | None = None  # default: a file in the engine's adapter directory
     module: str = "sglang.launch_server"  # the Python module that serves (tests use a stand-in)
@@ -85,6 +87,82 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# launch options the engine owns, refuses, or reads, as SGLang spells them
+_OWNED = ("--host", "--port", "--enable-lora", "--lora-paths")
+_KEYS = ("--api-key", "--admin-api-key")
+_DATA_PARALLEL = ("--dp", "--dp-size", "--data-parallel-size")
+_TENSOR_PARALLEL = ("--tp", "--tp-size", "--tensor-parallel-size")
+_GUARDED = (*_OWNED, *_KEYS, *_DATA_PARALLEL, *_TENSOR_PARALLEL)
+
+
+def _sglang_long_options() -> tuple[str, ...] | None:
+    """Every long option of the installed SGLang's launch_server parser (None when SGLang does not
+    import in this interpreter)."""
+    try:
+        import argparse
+
+        from sglang.srt.server_args import ServerArgs
+    except Exception:  # not installed, or installed for another torch
+        return None
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return tuple(s for action in parser._actions for s in action.option_strings if s.startswith("--"))
+
+
+def resolve_option(name: str, known: Sequence[str] | None = None) -> str:
+    """The option that `name` (as written, without "=value") means to SGLang's argparse, which accepts
+    any unambiguous prefix (allow_abbrev): with SGLang's own option list (`known`), exactly as argparse
+    resolves it; without one, a prefix of an option the engine guards counts as that option (so
+    `--hos` is `--host`), whatever else it might have meant."""
+    if known is not None:
+        if name in known:
+            return name
+        matches = [option for option in known if option.startswith(name)]
+        return matches[0] if len(matches) == 1 else name
+    if name in _GUARDED:
+        return name
+    matches = [option for option in _GUARDED if option.startswith(name) and len(name) > 2]
+    return matches[0] if matches else name
+
+
+def server_options(extra_args: Sequence[str], known: Sequence[str] | None = None) -> list[tuple[str, str, str | None]]:
+    """(as written, the option SGLang reads, its value or None) for each long option in `extra_args`;
+    `known` defaults to the installed SGLang's options when it imports."""
+    known = _sglang_long_options() if known is None else known
+    out = []
+    for i, arg in enumerate(extra_args):
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name, equals, value = arg.partition("=")
+        if not equals:
+            value = extra_args[i + 1] if i + 1 < len(extra_args) and not extra_args[i + 1].startswith("-") else None
+        out.append((name, resolve_option(name, known), value))
+    return out
+
+
+def tensor_parallel_size(extra_args: Sequence[str]) -> int:
+    """The --tp-size the extra server args give the launched server (1 when they give none)."""
+    for written, option, value in server_options(extra_args):
+        if option in _TENSOR_PARALLEL:
+            try:
+                return int(value or "")
+            except ValueError:
+                raise ValueError(f"extra server args: {written} needs a whole number, got {value!r}") from None
+    return 1
+
+
+def visible_gpu(index: int) -> str:
+    """What CUDA_VISIBLE_DEVICES must say for a process to see this process's GPU `index`: that entry
+    of the CUDA_VISIBLE_DEVICES this process inherited (SLURM, Kubernetes), else the index itself."""
+    inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not inherited:
+        return str(index)
+    if index >= len(inherited):
+        raise ValueError(f"GPU {index} is not among the {len(inherited)} this process may use "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})")
+    return inherited[index]
+
+
 def server_command(settings: ServerSettings, port: int) -> list[str]:
     """The argv that launches an SGLang server for `settings` on 127.0.0.1:`port`."""
     modules = tuple(settings.lora_target_modules)
@@ -96,20 +174,20 @@ def server_command(settings: ServerSettings, port: int) -> list[str]:
     if settings.max_loras_per_batch is not None and settings.max_loras_per_batch < 3:
         raise ValueError(f"max_loras_per_batch must be >= 3 (attacker, defender and the base in one batch), got "
                          f"{settings.max_loras_per_batch}")
-    for option in ("--dp", "--dp-size", "--data-parallel-size"):
-        if any(arg == option or arg.startswith(option + "=") for arg in settings.extra_args):
-            raise ValueError(f"extra server args must not set {option}: SGLang's data-parallel controller does not "
+    for written, option, _ in server_options(settings.extra_args):
+        shown = option if written == option else f"{option} (written {written!r})"
+        if option in _DATA_PARALLEL:
+            raise ValueError(f"extra server args must not set {shown}: SGLang's data-parallel controller does not "
                              "load LoRA adapters (every load answers HTTP 500); run one server per GPU (torchrun "
                              "launches one per rank) or put several behind sglang-router")
-    for option in ("--host", "--port", "--enable-lora", "--lora-paths", "--api-key", "--admin-api-key"):
-        if any(arg == option or arg.startswith(option + "=") for arg in settings.extra_args):
-            if option.endswith("api-key"):
-                raise ValueError(f"extra server args must not set {option}: a launched server binds to 127.0.0.1, "
-                                 "and a key on its command line is visible to every local user; put a server that "
-                                 "needs a key behind sglang_url and set SGLANG_API_KEY for abs-fast")
-            raise ValueError(f"extra server args must not set {option}: the engine sets it (the server binds to "
+        if option in _KEYS:
+            raise ValueError(f"extra server args must not set {shown}: a launched server binds to 127.0.0.1, "
+                             "and a key on its command line is visible to every local user; put a server that "
+                             "needs a key behind sglang_url and set SGLANG_API_KEY for abs-fast")
+        if option in _OWNED:
+            raise ValueError(f"extra server args must not set {shown}: the engine sets it (the server binds to "
                              "127.0.0.1; adapters are loaded after start)")
-    command = [sys.executable, "-m", settings.module, "--model-path", str(settings.model_path),
+    command = [settings.python or sys.executable, "-m", settings.module, "--model-path", str(settings.model_path),
                "--host", "127.0.0.1", "--port", str(port), "--enable-lora",
                "--max-lora-rank", str(settings.max_lora_rank), "--lora-target-modules", *modules,
                "--max-loras-per-batch", str(settings.loras_per_batch()),
@@ -150,20 +228,49 @@ def tail(path: Path | None, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(the server log is empty)"
 
 
+def _gpu_free_bytes(gpu: int | None) -> int | None:
+    """Free memory of this process's GPU `gpu` (the current one when None), after this process's
+    unused cached blocks are released; None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.empty_cache()  # blocks this process keeps cached but does not use go back to the GPU
+    return torch.cuda.mem_get_info(gpu if gpu is not None else torch.cuda.current_device())[0]
+
+
 class SGLangServer:
-    """One launched server process: start, health wait, stop, log tail."""
+    """One launched server process: start, health wait, stop, log tail.
+
+    On a GPU, SGLang sizes its static memory pool from the memory free when it starts. The first start
+    measures what the server took (`gpu_bytes`) and what it left free (`gpu_free_after_start`: what a
+    trainer sharing the GPU may use); each start first releases this process's cached blocks, and a
+    restart that would find less free than the server took the first time is refused."""
 
     def __init__(self, settings: ServerSettings, log_path: Path):
         self.settings, self.log_path = settings, log_path
         self.process: subprocess.Popen | None = None
         self.url = ""
+        self.gpu_bytes: int | None = None
+        self.gpu_free_after_start: int | None = None
+        self._free_before: int | None = None
 
     def start(self) -> None:
+        free = _gpu_free_bytes(self.settings.gpu)
+        if self.gpu_bytes is not None and free is not None and free < self.gpu_bytes:
+            gib = 2**30
+            raise SGLangServerError(f"cannot restart the SGLang server: it took {self.gpu_bytes / gib:.1f} GiB of the "
+                                    f"GPU when it first started and {free / gib:.1f} GiB are free now (this process "
+                                    "holds the rest). Lower the trainer's memory (token_budget, engine or judge batch) "
+                                    "or the server's --mem-fraction-static, then resume from the last checkpoint")
+        self._free_before = free
         port = free_port()
         command = server_command(self.settings, port)
         env = server_environment(self.settings)
         if self.settings.gpu is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(self.settings.gpu)
+            env["CUDA_VISIBLE_DEVICES"] = visible_gpu(self.settings.gpu)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"\n--- abs-fast: {' '.join(command)}\n".encode())
@@ -185,12 +292,20 @@ class SGLangServer:
             with contextlib.suppress(ServerUnreachable):
                 status, _ = http_json(self.url + "/health", timeout=10)
                 if status == 200:
+                    self._measure_gpu()
                     return
             if time.monotonic() > deadline:
                 self.stop()
                 raise SGLangServerError(f"the SGLang server did not become healthy within {timeout:.0f} s "
                                         f"(startup_timeout). Last lines of {self.log_path}:\n{tail(self.log_path)}")
             time.sleep(0.5)
+
+    def _measure_gpu(self) -> None:
+        if self.gpu_bytes is not None or self._free_before is None:
+            return
+        free = _gpu_free_bytes(self.settings.gpu)
+        self.gpu_free_after_start = free
+        self.gpu_bytes = max(0, self._free_before - free)
 
     def stop(self) -> None:
         process, self.process = self.process, None

@@ -86,6 +86,18 @@ def check_before_loading(config: TrainConfig) -> None:
     if config.judge == "wildguard" and not Path(config.judge_model).is_dir():
         raise FileNotFoundError(f"judge_model={config.judge_model}: no such directory (a WildGuard-format "
                                 "classifier checkpoint)")
+    if config.rollout_engine == "sglang" and not config.sglang_url:
+        from abs_fast.rollout.sglang_server import tensor_parallel_size
+
+        python = config.sglang_python
+        if python and not (Path(python).is_file() and os.access(python, os.X_OK)):
+            raise FileNotFoundError(f"sglang_python={python}: not an executable file (the Python of an environment "
+                                    "with sglang installed, e.g. /opt/sglang-venv/bin/python)")
+        tp = tensor_parallel_size(shlex.split(config.sglang_args))
+        if tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"sglang_args asks each launched server for tensor parallelism {tp}, but under torchrun "
+                             "every rank launches its own server on its own single GPU. Run one process with "
+                             "tensor parallelism (no torchrun), or start the servers yourself and pass sglang_url")
 
 
 def _device(config: TrainConfig, device: str | None) -> str | None:
@@ -152,6 +164,7 @@ def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], l
                               lora_target_modules=resolve_target_modules(target_modules_of(config)),
                               adapters=adapters, max_loras_per_batch=slots, dtype=config.dtype,
                               seed=config.seed + rank, extra_args=tuple(shlex.split(config.sglang_args)), gpu=gpu,
-                              startup_timeout=config.sglang_startup_timeout, log_path=str(log_path))
+                              startup_timeout=config.sglang_startup_timeout, log_path=str(log_path),
+                              python=config.sglang_python)
     logger.info("starting the SGLang server (log: %s)", log_path)
     return SGLangEngine(settings=settings, **common)

@@ -75,6 +75,7 @@ class TrainConfig:
     sglang_url: str = ""  # attach to this server or sglang-router (empty: launch one per process on 127.0.0.1)
     sglang_worker_urls: list[str] = field(default_factory=list)  # servers behind sglang_url's router
     sglang_args: str = ""  # more sglang.launch_server options, e.g. "--mem-fraction-static 0.45"
+    sglang_python: str = ""  # the Python that runs a launched server (SGLang's own venv: its torch pin); default ours
     sglang_startup_timeout: float = 900.0
     sglang_request_timeout: float = 900.0  # one wave; a server silent for longer counts as hung
     adapter_sync: Literal["auto", "files", "tensors"] = "auto"  # how adapters reach SGLang after each step

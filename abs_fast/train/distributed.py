@@ -9,6 +9,7 @@ writes metrics, checkpoints and the final adapters.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Sequence
 
@@ -56,12 +57,19 @@ class Collective:
             offset += n
 
     def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Rank 0's values everywhere (so every rank starts from the same adapters)."""
+        """Rank 0's values everywhere (so every rank starts from the same adapters). NCCL takes only
+        contiguous tensors: a parameter that is a strided view (the B of an adapter whose rank is
+        below the layer's largest) travels through a contiguous copy."""
         if not self.enabled:
             return
         with torch.no_grad():
             for p in params:
-                torch.distributed.broadcast(p.data, src=0)
+                if p.data.is_contiguous():
+                    torch.distributed.broadcast(p.data, src=0)
+                else:
+                    buffer = p.data.contiguous()
+                    torch.distributed.broadcast(buffer, src=0)
+                    p.data.copy_(buffer)
 
     def gather(self, obj) -> list | None:
         """Every rank's `obj` on rank 0 (None elsewhere). Objects are small: per-game summaries."""
@@ -87,11 +95,17 @@ class Collective:
 SINGLE_PROCESS = Collective()
 
 
-def init_distributed(device: str = "auto") -> tuple[Collective, str]:
+def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> tuple[Collective, str]:
     """(collective, device) for this process. Under torchrun (WORLD_SIZE > 1) this joins the process
-    group: NCCL on GPUs (one per local rank), gloo on CPU. Otherwise a single-process collective."""
+    group: NCCL on GPUs (one per local rank), gloo on CPU, with collectives that wait up to
+    `timeout_s` (at least as long as a rank may spend starting its SGLang server). Otherwise a
+    single-process collective. A CUDA device becomes the current device (cuda:N with N != 0 too):
+    Triton launches, CUDA graph streams and the native library follow the current device."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
+        parsed = torch.device(device) if device.startswith("cuda") else None
+        if parsed is not None and parsed.index is not None:
+            torch.cuda.set_device(parsed.index)
         return SINGLE_PROCESS, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -105,5 +119,6 @@ def init_distributed(device: str = "auto") -> tuple[Collective, str]:
         device = "cpu"
     if not torch.distributed.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        torch.distributed.init_process_group(backend=backend, device_id=torch.device(device) if use_cuda else None)
+        torch.distributed.init_process_group(backend=backend, device_id=torch.device(device) if use_cuda else None,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
     return Collective(rank, world_size, local_rank), device

@@ -127,7 +127,9 @@ class Trainer:
             raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; pass --resume to continue "
                                   "it, or choose another output directory")
         seeds = [s for spec in config.seeds for s in parse_seed_spec(spec)]  # a bad seed file fails before any load
-        self.collective, device = init_distributed(config.device)
+        # collectives wait at least as long as a rank may take to start its SGLang server
+        timeout = max(600.0, config.sglang_startup_timeout + 120.0) if config.rollout_engine == "sglang" else 600.0
+        self.collective, device = init_distributed(config.device, timeout)
         self.rank_device = None if device == "auto" else device
         rank = self.collective.rank
         # rank 0 alone writes into the run directory: checked now (nothing written), claimed (created, marked,
@@ -237,11 +239,28 @@ class Trainer:
         config, collective = self.config, self.collective
         # one fleet for every rank (sglang_url): rank 0 pushes the adapters, the others use its names
         tag = collective.broadcast(uuid.uuid4().hex[:8]) if config.sglang_url else None
-        gpu = collective.local_rank if collective.enabled and (self.rank_device or "").startswith("cuda") else None
+        # the server runs on this process's GPU (cuda:N, or the local rank's under torchrun)
+        gpu = torch.device(self.rank_device).index if (self.rank_device or "").startswith("cuda") else None
         adapters = [*self.trained_adapters, *(["defender"] if config.frozen_defender else [])]
         log_path = self.run_dir / f"sglang-server-rank{collective.rank}.log"
-        return sglang_engine_for(config, self.tokenizer, adapters, log_path, rank=collective.rank, gpu=gpu,
-                                 owner=collective.is_main, name_tag=tag)
+        engine = sglang_engine_for(config, self.tokenizer, adapters, log_path, rank=collective.rank, gpu=gpu,
+                                   owner=collective.is_main, name_tag=tag)
+        self._share_gpu_with(engine)
+        return engine
+
+    def _share_gpu_with(self, engine) -> None:
+        """Cap this process's CUDA allocator at what the launched server left free, so the trainer never
+        grows into the memory the server needs again when it restarts."""
+        free = engine.gpu_free_after_start
+        if free is None:
+            return
+        device = torch.device(self.rank_device) if (self.rank_device or "").startswith("cuda") else \
+            torch.device("cuda", torch.cuda.current_device())
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, (free + torch.cuda.memory_reserved(device)) / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        logger.info("sharing %s with the SGLang server: this process may use %.1f of %.1f GiB", device,
+                    fraction * total / 2**30, total / 2**30)
 
     def _push_adapters(self, names: tuple[str, ...]) -> None:
         """Make the engine sample from the policy's current `names`."""

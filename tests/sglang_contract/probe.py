@@ -322,6 +322,50 @@ def server_arguments():
 
 
 @check
+def guarded_options_as_sglang_reads_them():
+    """Every spelling SGLang's argparse accepts for an option the engine owns or refuses (argparse
+    expands unambiguous prefixes: --hos means --host) is refused in extra_args; the tensor-parallel
+    size is read as SGLang reads it."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from abs_fast.rollout.sglang_server import tensor_parallel_size
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    defaults = vars(parser.parse_args(["--model-path", "m"]))
+    values = {"--host": "0.0.0.0", "--port": "1", "--api-key": "k", "--admin-api-key": "k", "--dp-size": "2",
+              "--data-parallel-size": "2", "--lora-paths": "a=b"}
+    refused = 0
+    for option, value in values.items():
+        dest = next((a.dest for a in parser._actions if option in a.option_strings), None)
+        if dest is None:
+            continue
+        for cut in range(3, len(option) + 1):
+            written = option[:cut]
+            try:
+                parsed = vars(parser.parse_args(["--model-path", "m", written, value]))
+            except SystemExit:
+                continue  # ambiguous or unknown to SGLang: the server would refuse to start
+            if parsed[dest] == defaults[dest]:
+                continue
+            settings = ServerSettings(model_path="m", max_lora_rank=8, lora_target_modules=MODULES,
+                                      extra_args=(written, value))
+            try:
+                server_command(settings, 1)
+            except ValueError:
+                refused += 1
+                continue
+            raise AssertionError(f"{written} {value} means {option} to SGLang but was let through")
+    for argv, size in ((["--tp", "2"], 2), (["--tp-size=4"], 4), (["--tensor-parallel-size", "8"], 8)):
+        expected = parser.parse_args(["--model-path", "m", *argv]).tp_size
+        assert tensor_parallel_size(argv) == expected == size, (argv, expected)
+    assert refused > len(values)
+    return f"{refused} spellings refused"
+
+
+@check
 def server_routes_and_environment():
     """The routes the client calls exist in SGLang's HTTP server, and the original-log-prob switch it
     clears is the name SGLang reads."""
