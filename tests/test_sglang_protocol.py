@@ -66,9 +66,11 @@ def settings_for(tmp_path: Path, journal: Path, **env) -> ServerSettings:
 
 
 def signature(policy, adapter: str | None) -> float:
+    """The fake server's signature of the adapter the engine sends: its tensors in the payload dtype (bf16)."""
     if adapter is None:
         return 0.0
-    return adapter_signature(peft_adapter_state(policy.target_layers(), adapter)[1])
+    return adapter_signature({k: v.to(torch.bfloat16) for k, v in peft_adapter_state(policy.target_layers(),
+                                                                                      adapter)[1].items()})
 
 
 def expected(policy, request: RolloutRequest, adapter_signatures: dict) -> tuple[list[int], list[float], str]:
@@ -458,7 +460,8 @@ def test_protocol_eval_and_crossplay_generate_on_sglang(tmp_path, journal, polic
     monkeypatch.setenv("SGLANG_API_KEY", api_key)  # read by the engine builder for an attached server
     monkeypatch.setenv("SGLANG_ADMIN_API_KEY", admin_key)
     attacker_dir, defender_dir = policy.save_adapters(tmp_path / "adapters")
-    signatures = {None: 0.0, **{d.name: adapter_signature(load_file(str(d / "adapter_model.safetensors")))
+    signatures = {None: 0.0, **{d.name: adapter_signature({k: v.to(torch.bfloat16) for k, v in  # the payload dtype
+                                                            load_file(str(d / "adapter_model.safetensors")).items()})
                                 for d in (attacker_dir, defender_dir)}}
     process, url = start_fake(tmp_path, journal, FAKE_SGLANG_API_KEY=api_key, FAKE_SGLANG_ADMIN_API_KEY=admin_key)
     overrides = ["rollout_engine=sglang", f"sglang_url={url}", "judge=heuristic"]
@@ -805,3 +808,32 @@ def test_protocol_tensor_parallel_servers_under_torchrun_and_a_missing_interpret
     python.chmod(0o755)
     settings = ServerSettings(model_path="m", max_lora_rank=8, lora_target_modules=("q_proj",), python=str(python))
     assert server_command(settings, 1)[0] == str(python)
+
+
+def test_protocol_adapter_files_are_bf16_and_leave_a_small_dev_shm_for_the_run_directory(tmp_path, journal, policy,
+                                                                                         monkeypatch, caplog):
+    """Files go out in bf16 (half of fp32's bytes); where the RAM directory has less room than two
+    versions of every adapter (Docker's 64 MB /dev/shm), they go to the fallback directory (the run's),
+    with a warning, and it is removed on close like the RAM directory."""
+    import shutil as real_shutil
+
+    from safetensors import safe_open
+
+    import abs_fast.rollout.sglang as sglang_module
+
+    fallback = tmp_path / "run" / "sglang-adapters-rank0"
+    with SGLangEngine(settings=settings_for(tmp_path, journal), adapter_sync="files", fallback_dir=fallback) as engine:
+        ram = engine.adapter_dir
+        engine.update_adapters(policy)
+        first = Path(read_journal(journal)[-1]["body"]["lora_path"])
+        assert first.parent == ram
+        with safe_open(str(first / "adapter_model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}  # noqa: SIM118
+        usage = real_shutil.disk_usage(ram)
+        monkeypatch.setattr(sglang_module.shutil, "disk_usage", lambda path: usage._replace(free=64 * 2**10))
+        caplog.set_level("WARNING", logger="abs_fast")
+        engine.update_adapters(policy)
+        second = Path([e for e in read_journal(journal) if e["route"] == "/load_lora_adapter"][-1]["body"]["lora_path"])
+        assert second.parent == fallback and (second / "adapter_model.safetensors").is_file()
+        assert any("too little for the adapter versions" in r.getMessage() for r in caplog.records)
+    assert not fallback.exists() and not ram.exists()

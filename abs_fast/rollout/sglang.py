@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from abs_fast.rollout.base import RolloutRequest, RolloutResult, SamplingParams
 from abs_fast.rollout.sglang_server import (
     MIN_SGLANG_VERSION,
@@ -283,13 +285,16 @@ class SGLangEngine:
     the same on every rank that shares a fleet.
     api_key / admin_api_key (attached servers only): sent as bearer tokens, api_key on /generate and
     admin_api_key (else api_key) on the adapter routes, as SGLang's --api-key/--admin-api-key expect.
+    fallback_dir: where adapter files go when the RAM directory is too small for them.
+    payload_dtype: the dtype of the adapter tensors sent (the server computes LoRA in its model dtype).
     """
 
     def __init__(self, settings: ServerSettings | None = None, url: str | None = None,
                  worker_urls: Sequence[str] | None = None, tokenizer=None, eos_token_ids: Sequence[int] = (),
                  request_timeout: float = 900.0, adapter_sync: str = "auto", adapter_dir: str | Path | None = None,
                  push_adapters: bool = True, name_tag: str | None = None, tensor_route: TensorRoute | None = None,
-                 api_key: str | None = None, admin_api_key: str | None = None):
+                 api_key: str | None = None, admin_api_key: str | None = None, fallback_dir: str | Path | None = None,
+                 payload_dtype: torch.dtype = torch.bfloat16):
         if (settings is None) == (url is None):
             raise ValueError("give either settings (launch a server) or url (attach to a running server or router)")
         if settings is not None and (api_key or admin_api_key):
@@ -311,9 +316,11 @@ class SGLangEngine:
         if remote and adapter_dir is None:
             raise ValueError(f"{remote[0]} is another machine: it cannot read adapter files from this machine's "
                              "/dev/shm; set sglang_adapter_dir to storage both machines share")
-        self._own_dir = adapter_dir is None
         self.adapter_dir = Path(adapter_dir) if adapter_dir is not None else ram_directory()
         self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        self._own_dirs = [self.adapter_dir] if adapter_dir is None else []  # removed on close
+        self._fallback_dir = Path(fallback_dir) if fallback_dir is not None and adapter_dir is None else None
+        self.payload_dtype = payload_dtype
         self._current: dict[str, _Version] = {}
         self._counter = 0
         self._policy = None
@@ -352,16 +359,16 @@ class SGLangEngine:
         if adapter_sync == "files" or not tensors_ok:
             self._tensor_route = None
         # runs on close(), when the engine is collected, or at interpreter exit: no orphaned server
-        self._finalizer = weakref.finalize(self, SGLangEngine._cleanup, self._server, self.adapter_dir, self._own_dir)
+        self._finalizer = weakref.finalize(self, SGLangEngine._cleanup, self._server, self._own_dirs)
 
     # --- life cycle --------------------------------------------------------------------------
 
     @staticmethod
-    def _cleanup(server: SGLangServer | None, adapter_dir: Path, own_dir: bool) -> None:
+    def _cleanup(server: SGLangServer | None, own_dirs: list[Path]) -> None:
         if server is not None:
             server.stop()
-        if own_dir:
-            shutil.rmtree(adapter_dir, ignore_errors=True)
+        for directory in own_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def close(self) -> None:
         """Stop a launched server, or unload this engine's adapter versions from an attached one (so
@@ -455,8 +462,10 @@ class SGLangEngine:
 
             config, tensors = fold_patterns(*peft_adapter_state(policy.target_layers(), adapter, policy.source,
                                                                 to_cpu=False))
-            # copies: the server maps what it is sent, and the optimizer updates the parameters in place
-            body = self._tensor_route.body(version.name, config, {k: v.clone() for k, v in tensors.items()})
+            # copies (in the payload dtype): the server maps what it is sent, and the optimizer updates the
+            # parameters in place
+            body = self._tensor_route.body(version.name, config, {k: v.to(self.payload_dtype, copy=True)
+                                                                  for k, v in tensors.items()})
             try:
                 failures = self._post_all("/load_lora_adapter_from_tensors", body)
             except SGLangServerError as err:  # the load took the server down (e.g. a handle it cannot map)
@@ -476,11 +485,30 @@ class SGLangEngine:
         if version.path is None:
             from abs_fast.model.adapters import peft_adapter_state, write_peft_adapter
 
-            state = fold_patterns(*peft_adapter_state(policy.target_layers(), adapter, policy.source))
-            version.path = str(write_peft_adapter(self.adapter_dir / version.name, *state))
+            config, tensors = fold_patterns(*peft_adapter_state(policy.target_layers(), adapter, policy.source))
+            tensors = {k: v.to(self.payload_dtype) for k, v in tensors.items()}
+            directory = self._files_directory(sum(t.nbytes for t in tensors.values()))
+            version.path = str(write_peft_adapter(directory / version.name, config, tensors))
         failures = self._post_all("/load_lora_adapter", load_adapter_body(version.name, version.path))
         if failures:
             raise SGLangRequestError(f"loading adapter {version.name!r} from {version.path} failed: {failures[0]}")
+
+    def _files_directory(self, nbytes: int) -> Path:
+        """Where the next adapter version's files go: the engine's RAM directory while it has room for
+        two versions of every adapter (Docker's default /dev/shm is 64 MB; a 14B rank-16 adapter is
+        over 100 MB), else the fallback directory (the run's), once and for good, with a warning."""
+        if self._fallback_dir is None or self.adapter_dir == self._fallback_dir:
+            return self.adapter_dir
+        needed = 2 * nbytes * max(len(self._current), 1) + 16 * 2**20
+        free = shutil.disk_usage(self.adapter_dir).free
+        if free >= needed:
+            return self.adapter_dir
+        logger.warning("%s has %.0f MB free, too little for the adapter versions (%.0f MB); adapter files go to %s "
+                       "from now on", self.adapter_dir, free / 2**20, needed / 2**20, self._fallback_dir)
+        self._fallback_dir.mkdir(parents=True, exist_ok=True)
+        self._own_dirs.append(self._fallback_dir)
+        self.adapter_dir = self._fallback_dir
+        return self.adapter_dir
 
     def _unload(self, version: _Version) -> None:
         if self.push_adapters:

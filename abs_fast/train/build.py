@@ -151,8 +151,10 @@ def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], l
     from abs_fast.model import resolve_target_modules
     from abs_fast.rollout.sglang import ServerSettings, SGLangEngine
 
+    payload = {"float32": torch.float32, "float16": torch.float16}.get(config.dtype, torch.bfloat16)
     common = dict(tokenizer=tokenizer, request_timeout=config.sglang_request_timeout,
-                  adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None)
+                  adapter_sync=config.adapter_sync, adapter_dir=config.sglang_adapter_dir or None,
+                  fallback_dir=Path(log_path).parent / f"sglang-adapters-rank{rank}", payload_dtype=payload)
     if config.sglang_url:
         return SGLangEngine(url=config.sglang_url, worker_urls=config.sglang_worker_urls or None,
                             push_adapters=owner, name_tag=name_tag, api_key=os.environ.get("SGLANG_API_KEY"),
