@@ -362,6 +362,18 @@ def configure_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
+# commands that load models: their token counts vary from call to call, which fragments CUDA's caching
+# allocator; expandable segments let it grow and reuse segments instead of reserving new ones
+_MODEL_COMMANDS = ("train", "demo", "eval", "crossplay", "exploit")
+
+
+def set_allocator_defaults(command: str | None) -> None:
+    """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the commands that load models, unless the
+    user set PYTORCH_CUDA_ALLOC_CONF (read when CUDA first allocates, so set before any model loads)."""
+    if command in _MODEL_COMMANDS:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     parser = build_parser()
@@ -369,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    set_allocator_defaults(args.command)
     previous = signal.getsignal(signal.SIGTERM)
     with contextlib.suppress(ValueError):  # not the main thread: leave SIGTERM as it is
         signal.signal(signal.SIGTERM, _raise_terminated)

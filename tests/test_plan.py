@@ -4,6 +4,7 @@ claim, and the trainer refusing a run that does not fit before it loads anything
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,33 @@ def test_plan_cli_errors_and_table(tmp_path):
                ).returncode == 1
     fits = run("--preset", "qwen2.5-7b", "--gpu-memory", "80")
     assert fits.returncode == 0 and fits.stdout.strip().splitlines()[-1].startswith("verdict: fits"), fits.stdout
+
+
+def test_the_plan_counts_what_runs_beside_the_model_on_a_gpu():
+    """On CUDA the plan holds the autotuner's flush buffer, the decode graphs' pool (growing with the
+    engine's batch), NCCL's buffers only under data parallelism, a launched SGLang server's memory
+    beyond its static pool, and the second fp32 hidden-state gradient of a 16-bit log-prob backward."""
+    config = apply_overrides(preset_config("qwen2.5-7b"), {"model": "qwen2.5-7b"})
+    one, two = plan_memory(config, device="cuda", world_size=1), plan_memory(config, device="cuda", world_size=2)
+    assert "NCCL buffers" not in one.resident and two.resident["NCCL buffers"] >= 256 * 2**20
+    assert one.resident["Triton autotune flush buffer"] == 256 * 2**20
+    wider = plan_memory(apply_overrides(config, {"engine_max_batch": 4 * config.engine_max_batch}), device="cuda")
+    assert wider.resident["CUDA graph pools (decode)"] > 3 * one.resident["CUDA graph pools (decode)"] > 0
+    cpu = plan_memory(config, device="cpu")
+    assert not {"CUDA graph pools (decode)", "Triton autotune flush buffer", "CUDA context"} & set(cpu.resident)
+    served = plan_memory(apply_overrides(config, {"rollout_engine": "sglang"}), device="cuda", gpu_memory_gb=80)
+    assert served.resident["SGLang server (non-static)"] > 1.6 * 2**30  # context + graphs + one prefill chunk
+    assert "CUDA graph pools (decode)" not in served.resident
+
+
+def test_model_commands_default_to_expandable_segments(monkeypatch):
+    from abs_fast.cli import set_allocator_defaults
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    set_allocator_defaults("plan")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    set_allocator_defaults("train")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    set_allocator_defaults("eval")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"  # the user's setting stays

@@ -228,7 +228,8 @@ class Trainer:
             free = _available_ram()
         if free is None:
             return
-        plan = plan_memory(self.config, gpu_memory_gb=free / GIB, device=target.type)
+        plan = plan_memory(self.config, gpu_memory_gb=free / GIB, device=target.type,
+                           world_size=self.collective.world_size)
         if not plan.fits:
             raise ValueError(f"this run needs about {plan.peak / GIB:.1f} GiB in its {plan.peak_phase} phase but "
                              f"{target} has {free / GIB:.1f} GiB free. " + " ".join(f"Try {tip}." for tip in

@@ -33,6 +33,13 @@ __all__ = ["CUDA_CONTEXT_BYTES", "MemoryPlan", "ModelShape", "model_shape", "pla
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # one process's CUDA context and the allocator's first segments
+AUTOTUNE_FLUSH_BYTES = 256 * 2**20  # triton.testing.do_bench's L2-flush buffer, live while the autotuner times
+NCCL_BUFFER_BYTES = int(0.5 * GIB)  # NCCL's communicator buffers per process (channels x peers x 4 MiB), estimated
+# What a launched SGLang server uses beyond its static pool (--mem-fraction-static: weights and KV):
+# its CUDA context, CUDA graph buffers and the activations of one prefill chunk (an estimate from the
+# defaults: chunked prefill of 8192 tokens, graphs for batches up to 160)
+SGLANG_GRAPH_BYTES = 1 * GIB
+SGLANG_PREFILL_TOKENS = 8192
 ALLOCATOR_SLACK = 0.05  # the caching allocator's fragmentation, on CUDA
 SGLANG_DEFAULT_MEM_FRACTION = 0.85  # what SGLang reserves on a large GPU without --mem-fraction-static
 
@@ -192,9 +199,13 @@ def _sglang_fraction(args: str) -> float | None:
 
 
 def plan_memory(config: TrainConfig, preset: str | None = None, gpu_memory_gb: float | None = None,
-                device: str | None = None) -> MemoryPlan:
+                device: str | None = None, world_size: int | None = None) -> MemoryPlan:
     """Predict the memory of `config`'s training run on `device` ("cuda" or "cpu"; default: from
-    config.device, CUDA for auto) with `gpu_memory_gb` of memory (default: unknown, fits is None)."""
+    config.device, CUDA for auto) with `gpu_memory_gb` of memory (default: unknown, fits is None), as
+    one of `world_size` data-parallel processes (default: WORLD_SIZE, else 1)."""
+    import os
+
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     from abs_fast.model.policy import resolve_target_modules
     from abs_fast.ops.layers import SWIGLU_CHUNK_ELEMENTS
     from abs_fast.ops.logprobs import BACKWARD_CHUNK_BYTES, CHUNK_ELEMENTS
@@ -221,6 +232,8 @@ def plan_memory(config: TrainConfig, preset: str | None = None, gpu_memory_gb: f
         if gpu_memory_gb is not None:
             resident["SGLang server (mem fraction)"] = int((fraction or SGLANG_DEFAULT_MEM_FRACTION) *
                                                            gpu_memory_gb * GIB)
+        prefill = SGLANG_PREFILL_TOKENS * b * (4 * shape.intermediate + 3 * shape.hidden)
+        resident["SGLang server (non-static)"] = CUDA_CONTEXT_BYTES + SGLANG_GRAPH_BYTES + prefill
     judge = None
     if config.judge == "wildguard":
         judge = _judge_shape(config.judge_model)
@@ -229,6 +242,15 @@ def plan_memory(config: TrainConfig, preset: str | None = None, gpu_memory_gb: f
                                       * config.judge_max_seq_len)
     if device == "cuda":
         resident["CUDA context"] = CUDA_CONTEXT_BYTES
+        resident["Triton autotune flush buffer"] = AUTOTUNE_FLUSH_BYTES
+        if config.rollout_engine == "embedded":
+            # one graph per batch bucket (1, 2, 4, ... engine_max_batch), each keeping its fp32 logits
+            # and its decode activations in the shared graph pool
+            buckets = [1 << k for k in range(max(config.engine_max_batch - 1, 0).bit_length() + 1)]
+            per_row = shape.vocab * 4 + b * (4 * shape.intermediate + 3 * shape.hidden)
+            resident["CUDA graph pools (decode)"] = sum(min(n, config.engine_max_batch) for n in buckets) * per_row
+        if world_size > 1:
+            resident["NCCL buffers"] = NCCL_BUFFER_BYTES
 
     h, i, vocab = shape.hidden, shape.intermediate, shape.vocab
     tokens = config.token_budget
@@ -254,7 +276,10 @@ def plan_memory(config: TrainConfig, preset: str | None = None, gpu_memory_gb: f
                                                           config.defender_max_new_tokens))  # scored per micro-batch
     chunk_block = min(CHUNK_ELEMENTS, responses * vocab) * 4
     logprob_forward = 2 * chunk_block if device == "cpu" else 0
-    logprob_backward = (2 * chunk_block if device == "cpu" else BACKWARD_CHUNK_BYTES) + responses * h * 4
+    # the fp32 gradient of the hidden states: on CUDA a 16-bit head accumulates it out of place (addmm
+    # with an fp32 result), so two are alive at once
+    dh_copies = 2 if device == "cuda" and b == 2 else 1
+    logprob_backward = (2 * chunk_block if device == "cpu" else BACKWARD_CHUNK_BYTES) + dh_copies * responses * h * 4
     phases["logprob"] = {"scoring activations": tokens * forward_per_token + buffer_scratch,
                          "log-prob chunks": logprob_forward}
     saved_layer = _saved_per_token_layer(shape, b, config.lora_rank, adapters, device)
