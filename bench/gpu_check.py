@@ -1,18 +1,24 @@
 """Every GPU claim of abs-fast, measured in one run: the driver behind scripts/gpu-check.sh.
 
-Stages run most-valuable first, each in its own process with its own time limit, so a run cut short
-still reports what finished. Each figure is appended to OUT/figures.jsonl the moment it is measured;
-after every stage OUT/gpu-check.json and OUT/gpu-check.md are rewritten from what exists.
+Stages run most-valuable first, each in its own process group with its own time limit (a stage
+that runs out is killed whole, pytest and all), under one deadline for the whole run, so a run cut
+short still reports what finished. Each figure is appended to OUT/figures.jsonl the moment it is
+measured; after every stage OUT/gpu-check.json and OUT/gpu-check.md are rewritten from what exists.
+Every stage shares one Triton cache (OUT/triton-cache, or TRITON_CACHE_DIR): what the compile stage
+builds, the timed stages find built.
 
+    compile      stage 0: every Triton variant a 7B self-play step and a decode wave launch, compiled
+                 and autotuned before anything is timed; how long that took and how many it built
     environment  abs-fast info, nvidia-smi, measured copy bandwidth and matrix-product rate (the
                  ceilings every later figure is compared with)
     gpu_tests    pytest -m gpu, pass/fail per test
     kernels      lora_linear vs PEFT and vs the base GEMM; NF4 fused vs buffer vs bitsandbytes; NF4
                  decode bandwidth at 1/16/64/256 rows; token_logprobs vs full logits
     decode       embedded-engine decode tokens/s (NF4 base, mixed adapters) vs HF generate + PEFT over
-                 bitsandbytes and vs the bytes-per-step roofline
+                 bitsandbytes and vs the bytes-per-step roofline; then the poll_every sweep
     selfplay     one self-play step, seconds per phase and peak memory, vs HF + PEFT
-    presets      each preset's peak memory as it would run, vs the planner and the GPU it claims
+    presets      each preset's peak memory as it would run (reserved by the allocator plus the CUDA
+                 context), vs the planner and the GPU it claims
 
 --smoke runs every stage at tiny shapes on whatever device there is (CPU in CI) in under 3 minutes,
 so the script cannot rot between GPU sessions; its numbers mean nothing.
@@ -29,6 +35,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,12 +51,31 @@ REPO = BENCH.parent
 @dataclass(frozen=True)
 class Stage:
     name: str
-    gpu_limit_s: int  # the full run stays inside 8 minutes on an H200 (with the install and build)
+    gpu_limit_s: int
     smoke_limit_s: int
+    budget: str  # how gpu_limit_s was reckoned
 
 
-STAGES = (Stage("environment", 40, 40), Stage("gpu_tests", 110, 60), Stage("kernels", 80, 40),
-          Stage("decode", 80, 40), Stage("selfplay", 70, 40), Stage("presets", 60, 40))
+# The budget. The device gives a session 15 minutes, machine start-up included; the script gets 9 of
+# them: about 1 for the wheel install and the native build (sm_90 only), DEADLINE_S for the stages.
+# Each stage's limit is its work on an H200 plus its Triton compiles. Compiles are counted on CPU by
+# the compile census (tests/test_compile_census.py: at most COMPILE_VARIANTS variants for a 7B step
+# with 40 micro-batches of 1k-16k tokens plus decode batches of 1-256 rows and the log-prob pass), at
+# about 1.5 s each on the device machine's 16 cores (3-4 s measured for one sm_90 compile on 2 cores;
+# ptxas is single-threaded, Triton compiles one variant at a time per process). The compile stage
+# pays for them once; the timed stages then find them in the shared cache.
+COMPILE_VARIANTS = 48
+COMPILE_SECONDS_EACH = 1.5
+DEADLINE_S = 470
+STAGES = (
+    Stage("compile", 110, 60, f"{COMPILE_VARIANTS} variants x {COMPILE_SECONDS_EACH} s + 7B weights drawn on the GPU"),
+    Stage("environment", 30, 40, "2 GiB copy and 8192^3 GEMM, 100 ms each, plus nvidia-smi and abs-fast info"),
+    Stage("gpu_tests", 90, 60, "about 25 gpu-marked tests at small shapes, each under 3 s once compiled"),
+    Stage("kernels", 70, 40, "14 layer shapes x 3 variants x ~1 s of do_bench, NF4 and log-prob cases"),
+    Stage("decode", 60, 40, "7B engine at 64 and 256 rows (2 x 80 tokens each), HF baseline at 64, poll sweep"),
+    Stage("selfplay", 60, 40, "one 7B step of 64 games twice (warm-up, timed) and the HF + PEFT step"),
+    Stage("presets", 50, 40, "4 presets: build (weights on the GPU), prefill, one update"),
+)
 FIGURE_FIELDS = ("name", "value", "unit", "compared_with", "shapes", "dtype", "device", "versions", "commit", "stage")
 COMPARED_FIELDS = ("name", "value", "unit", "ratio")
 
@@ -198,6 +224,41 @@ def _gemm_tflops(device: str, n: int, dtype, smoke: bool) -> float:
 
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     return 2 * n**3 / median_seconds(lambda: a @ b, smoke) / 1e12
+
+
+def stage_compile(rec: Recorder, out: Path) -> None:
+    """Stage 0: compile and autotune, into the shared Triton cache, every variant that a 7B self-play
+    step (rollout waves, the no-grad log-prob pass, the packed update over micro-batches up to the
+    token budget) and decode waves of 1 to 256 rows launch, before any stage is timed."""
+    import torch
+
+    from abs_fast.model import load_policy, load_qwen25_tokenizer
+    from abs_fast.rollout import EmbeddedEngine
+
+    _, _, rollout_bench, selfplay = _bench_modules()
+    full = rec.cuda and not rec.smoke
+    preset = "qwen2.5-7b" if full else "tiny"
+    cache = Path(os.environ["TRITON_CACHE_DIR"])
+    before, start = _cache_entries(cache), time.perf_counter()
+    policy = load_policy(preset, quantize="nf4", device="cuda" if rec.cuda else "cpu")
+    loaded = time.perf_counter() - start
+    policy.gradient_checkpointing(True)
+    games, prompt_len, new_tokens = (64, 256, 128) if full else (4, 16, 4)
+    step = selfplay._abs_fast_step(policy, load_qwen25_tokenizer(), selfplay._Workload(games, prompt_len, new_tokens),
+                                   token_budget=16384 if full else 256)
+    step({})
+    for rows in (1, 16, 64, 256) if full else (1, 4):
+        engine = EmbeddedEngine(policy, max_batch=rows, max_seq_len=prompt_len + 8)
+        with torch.no_grad():
+            engine.generate(rollout_bench._greedy_half_and_half(rollout_bench._prompts(rows, prompt_len), 4))
+        del engine
+    _sync()
+    seconds, built = time.perf_counter() - start, _cache_entries(cache) - before
+    rec.figure("compile stage: Triton cache entries built", built, "entries", "the compile census bound",
+               COMPILE_VARIANTS, shapes=f"{preset}: a step of {games} games, decode waves", dtype="")
+    rec.figure("compile stage: seconds", seconds, "s", "its budget", next(s.gpu_limit_s for s in STAGES
+                                                                         if s.name == "compile"),
+               shapes=f"{preset}; {loaded:.0f} s of it loading the weights", dtype="")
 
 
 def stage_environment(rec: Recorder, out: Path) -> None:
@@ -382,14 +443,17 @@ def _decode_bytes_per_step(policy, rows: int, context: int) -> int:
     return total + rows * context * kv
 
 
-def _engine_decode_rate(rec: Recorder, rollout_bench, policy, rows: int, prompt: int, short: int, long: int):
+def _engine_decode_rate(rec: Recorder, rollout_bench, policy, rows: int, prompt: int, short: int, long: int,
+                        poll_every: int | None = None):
     """Decode tokens/s of the embedded engine: (time of `long` new tokens - time of `short`) over the
     tokens between, so prefill cancels; both adapters mixed in one batch."""
     import torch
 
     from abs_fast.rollout import EmbeddedEngine
+    from abs_fast.rollout.embedded import DEFAULT_POLL_EVERY
 
-    engine = EmbeddedEngine(policy, max_batch=rows, max_seq_len=prompt + long)
+    engine = EmbeddedEngine(policy, max_batch=rows, max_seq_len=prompt + long,
+                            poll_every=poll_every or DEFAULT_POLL_EVERY)
     prompts = rollout_bench._prompts(rows, prompt)
 
     def run(new_tokens):
@@ -460,6 +524,17 @@ def stage_decode(rec: Recorder, out: Path) -> None:
             rec.figure(f"engine decode {preset} batch {rows} vs HF", rate, "tokens/s",
                        "HF generate + PEFT" + (" over bitsandbytes NF4" if full else " (dense)"), hf_rate,
                        shapes=where, dtype=dtype)
+    # the poll interval (rollout/embedded.py DEFAULT_POLL_EVERY): the first case at 1, 4 and 32 steps
+    # between host polls, against the default; last, so a stage cut short loses only this
+    from abs_fast.rollout.embedded import DEFAULT_POLL_EVERY
+
+    rows, prompt = cases[0]
+    for poll in (1, 4, 32):
+        rate = _engine_decode_rate(rec, rollout_bench, policy, rows, prompt, short, long, poll_every=poll)
+        default = _engine_decode_rate(rec, rollout_bench, policy, rows, prompt, short, long)
+        rec.figure(f"engine decode {preset} batch {rows} poll_every {poll}", rate, "tokens/s",
+                   f"poll_every {DEFAULT_POLL_EVERY} (the default), measured beside it", default,
+                   shapes=f"{preset} NF4, {rows} rows, prompt {prompt}", dtype=dtype)
 
 
 def stage_selfplay(rec: Recorder, out: Path) -> None:
@@ -542,6 +617,9 @@ def stage_presets(rec: Recorder, out: Path) -> None:
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_gb * 2**30 / total))
                 torch.cuda.reset_peak_memory_stats()
+                # the CUDA context (and anything else on the GPU): used memory that the allocator did not reserve
+                free, _ = torch.cuda.mem_get_info()
+                context = total - free - torch.cuda.memory_reserved()
             tracker = contextlib.nullcontext() if cuda else LiveTensorBytes()
             trainer = Trainer(config)
             gen = torch.Generator().manual_seed(0)
@@ -565,20 +643,25 @@ def stage_presets(rec: Recorder, out: Path) -> None:
                     trainer.engine.generate(requests)
                 trainer._update(samples)  # as a step runs it: the config's settings, the trainer's optimizer
                 _sync()
-            measured = torch.cuda.max_memory_allocated() if cuda else resident + tracker.peak
+            # on a GPU what the run takes from it: the allocator's peak reservation plus the context (the plan
+            # counts both); on CPU the live tensor bytes
+            measured = torch.cuda.max_memory_reserved() + context if cuda else resident + tracker.peak
             where = (f"{preset} ({shape}, random NF4 weights), {len(samples)} samples of {prompt}+"
                      f"{config.attacker_max_new_tokens}/{config.defender_max_new_tokens} tokens, "
                      f"token_budget {config.token_budget}, engine {config.engine_max_batch} rows")
             rec.figure(f"preset {preset} peak memory", measured / 2**30, "GiB", "the planner's peak", plan.peak / 2**30,
-                       shapes=where, dtype="bf16" if cuda else "fp32", gpu_memory_gb=gpu_gb,
-                       fits=None if gpu_gb is None else measured <= gpu_gb * 2**30)
+                       shapes=where + (" (reserved + context)" if cuda else " (live tensors)"),
+                       dtype="bf16" if cuda else "fp32", gpu_memory_gb=gpu_gb,
+                       fits=None if gpu_gb is None else measured <= gpu_gb * 2**30,
+                       allocated_gb=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
             del trainer, samples
             if cuda:
                 torch.cuda.set_per_process_memory_fraction(1.0)
 
 
-STAGE_FUNCTIONS = {"environment": stage_environment, "gpu_tests": stage_gpu_tests, "kernels": stage_kernels,
-                   "decode": stage_decode, "selfplay": stage_selfplay, "presets": stage_presets}
+STAGE_FUNCTIONS = {"compile": stage_compile, "environment": stage_environment, "gpu_tests": stage_gpu_tests,
+                   "kernels": stage_kernels, "decode": stage_decode, "selfplay": stage_selfplay,
+                   "presets": stage_presets}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +687,11 @@ def write_report(out: Path, meta: dict, stages: list[dict]) -> None:
     (out / "gpu-check.md").write_text(markdown(report))
 
 
+def _built(stage: dict) -> str:
+    n = stage.get("triton_variants_built")
+    return f"{n} Triton cache entries built" if n else ""
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}"
 
@@ -613,7 +701,8 @@ def markdown(report: dict) -> str:
              f"device: {report['device']}; commit {report['commit']}; torch {report['versions']['torch']}, "
              f"triton {report['versions']['triton']}; command: `{report['command']}`", "",
              "| stage | status | seconds | note |", "|---|---|---|---|"]
-    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {s.get('note', '')} |" for s in report["stages"]]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | "
+              f"{'; '.join(x for x in (s.get('note', ''), _built(s)) if x)} |" for s in report["stages"]]
     lines += ["", "| figure | value | unit | compared with | its value | ratio | shapes | dtype |",
               "|---|---|---|---|---|---|---|---|"]
     for f in report["figures"]:
@@ -623,10 +712,42 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: Path, smoke: bool, names: list[str], command: str) -> int:
+def budget_table(smoke: bool) -> str:
+    lines = ["| stage | limit (s) | reckoned from |", "|---|---|---|"]
+    lines += [f"| {s.name} | {s.smoke_limit_s if smoke else s.gpu_limit_s} | {s.budget} |" for s in STAGES]
+    total = sum(s.smoke_limit_s if smoke else s.gpu_limit_s for s in STAGES)
+    lines.append(f"| all stages | {total} (deadline {DEADLINE_S}) | plus about 60 s of install and native build |")
+    return "\n".join(lines)
+
+
+def run_stage_process(argv: list[str], limit: float, cwd: Path) -> tuple[str, str]:
+    """Run a stage in its own process group; past `limit` seconds the whole group is killed (a stage's
+    pytest and its workers too). Returns (status, note)."""
+    proc = subprocess.Popen(argv, cwd=cwd, start_new_session=True)
+    try:
+        code = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "timeout", f"cut at {limit:.0f} s (its process group killed); figures measured before are kept"
+    with contextlib.suppress(ProcessLookupError):  # a child left behind by a finished stage
+        os.killpg(proc.pid, signal.SIGKILL)
+    return ("ok", "") if code == 0 else ("failed", f"exit {code}: see the stage's output")
+
+
+def _cache_entries(path: Path) -> int:
+    return sum(1 for _ in path.iterdir()) if path.is_dir() else 0
+
+
+def run(out: Path, smoke: bool, names: list[str], command: str, deadline_s: float | None = None) -> int:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
+    cache = Path(os.environ.setdefault("TRITON_CACHE_DIR", str(out / "triton-cache")))  # shared by every stage
+    cache.mkdir(parents=True, exist_ok=True)
+    deadline_s = deadline_s if deadline_s is not None else (None if smoke else DEADLINE_S)
+    print("== budget\n" + budget_table(smoke), flush=True)
     for stale in ("figures.jsonl", "references.json"):
         (out / stale).unlink(missing_ok=True)
     meta = {"smoke": smoke, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command,
@@ -636,28 +757,35 @@ def run(out: Path, smoke: bool, names: list[str], command: str) -> int:
                          "triton": _version("triton"), "bitsandbytes": _version("bitsandbytes"),
                          "liger-kernel": _version("liger-kernel"), "peft": _version("peft"),
                          "transformers": _version("transformers")},
-            "native": os.environ.get("ABS_FAST_NATIVE_NOTE", "")}
+            "native": os.environ.get("ABS_FAST_NATIVE_NOTE", ""), "budget": budget_table(smoke),
+            "triton_cache": str(cache)}
     stages: list[dict] = []
     failed = 0
+    began = time.perf_counter()
     for stage in STAGES:
         if stage.name not in names:
             stages.append({"name": stage.name, "status": "not requested", "seconds": 0.0})
             continue
         limit = stage.smoke_limit_s if smoke else stage.gpu_limit_s
-        print(f"== stage {stage.name} (limit {limit} s)", flush=True)
+        if deadline_s is not None:
+            limit = min(limit, deadline_s - (time.perf_counter() - began))
+        entry = {"name": stage.name, "limit_s": round(limit, 1)}
+        if limit < 5:
+            entry.update(status="timeout", seconds=0.0, note=f"not run: the run's deadline ({deadline_s:.0f} s) passed")
+            failed += 1
+            stages.append(entry)
+            write_report(out, meta, stages)
+            continue
+        print(f"== stage {stage.name} (limit {limit:.0f} s)", flush=True)
         argv = [sys.executable, str(Path(__file__).resolve()), "--run-stage", stage.name, str(out)]
         if smoke:
             argv.append("--smoke")
-        start = time.perf_counter()
-        entry = {"name": stage.name, "limit_s": limit}
-        try:
-            proc = subprocess.run(argv, timeout=limit, cwd=out)
-            entry["status"] = "ok" if proc.returncode == 0 else "failed"
-            if proc.returncode:
-                entry["note"] = f"exit {proc.returncode}: see the stage's output"
-        except subprocess.TimeoutExpired:
-            entry["status"], entry["note"] = "timeout", f"cut at {limit} s; figures measured before are kept"
+        start, cached = time.perf_counter(), _cache_entries(cache)
+        entry["status"], note = run_stage_process(argv, limit, out)
+        if note:
+            entry["note"] = note
         entry["seconds"] = round(time.perf_counter() - start, 1)
+        entry["triton_variants_built"] = _cache_entries(cache) - cached
         failed += entry["status"] != "ok"
         stages.append(entry)
         write_report(out, meta, stages)
@@ -680,21 +808,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device: checks that it runs")
     parser.add_argument("--stages", default=",".join(s.name for s in STAGES))
+    parser.add_argument("--deadline", type=float, help=f"seconds for all stages (default {DEADLINE_S}; none with "
+                                                       "--smoke)")
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_stage:
         import torch
 
+        os.environ.setdefault("TRITON_CACHE_DIR", str(args.out / "triton-cache"))
         if args.smoke:
             torch.manual_seed(0)
         rec = Recorder(args.out, args.run_stage, args.smoke)
+        if os.environ.get("ABS_FAST_GPU_CHECK_FAIL_STAGE") == args.run_stage:  # tests: a stage that fails
+            raise RuntimeError(f"stage {args.run_stage} failed on purpose (ABS_FAST_GPU_CHECK_FAIL_STAGE)")
         STAGE_FUNCTIONS[args.run_stage](rec, args.out)
         return 0
     names = [n for n in args.stages.split(",") if n]
     unknown = sorted(set(names) - set(STAGE_FUNCTIONS))
     if unknown:
         parser.error(f"unknown stage(s) {unknown}; stages: {', '.join(STAGE_FUNCTIONS)}")
-    return run(args.out.resolve(), args.smoke, names, " ".join(sys.argv))
+    return run(args.out.resolve(), args.smoke, names, " ".join(sys.argv), args.deadline)
 
 
 if __name__ == "__main__":

@@ -32,8 +32,10 @@ RANK, ALPHA = 16, 32
 def _bnb_linear4bit(weight: torch.Tensor):
     bnb = pytest.importorskip("bitsandbytes")
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16).cpu(), requires_grad=False, quant_type="nf4")
+    # built on the meta device (no fp32 CPU weight of its own) and quantised where `weight` lives
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              device="meta")
+    layer.weight = bnb.nn.Params4bit(weight.to(torch.bfloat16), requires_grad=False, quant_type="nf4")
     if out_features % 32:  # bitsandbytes' AVX512-BF16 CPU repacking asserts out_features % 32 == 0
         layer.support_avx512bf16_for_cpu = False
     return layer.to(DEVICE)  # quantises on the move, on CPU as on a GPU

@@ -4,8 +4,9 @@
 #      with no index (pip never reaches a network);
 #   2. abs-fast copied into that directory and its native libraries built there with cmake (for
 #      this GPU's architecture only), or a line saying why not;
-#   3. bench/gpu_check.py: six stages most-valuable first, each with its own time limit, writing
-#      OUT_DIR/gpu-check.json and OUT_DIR/gpu-check.md as it goes (about 8 minutes on an H200).
+#   3. bench/gpu_check.py: seven stages, compiles first, then most-valuable first, each in its own
+#      process group with its own time limit under one deadline, writing OUT_DIR/gpu-check.json and
+#      OUT_DIR/gpu-check.md as it goes (at most 470 s of stages; with install and build within 9 minutes).
 # --smoke: tiny shapes on any machine (CPU in CI) in under 3 minutes, so this never rots.
 #
 #     bash scripts/gpu-check.sh [--wheels DIR] [--smoke] OUT_DIR

@@ -1,4 +1,4 @@
-"""scripts/gpu-check.sh: the smoke run writes both reports with all six stages and a well-formed
+"""scripts/gpu-check.sh: the smoke run writes both reports with all seven stages and a well-formed
 figure for everything it measured; the wheel install never reaches an index; scripts/gpu-wheels.sh
 keeps one version of each wheel and refuses dependencies nobody carries."""
 
@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -51,10 +52,13 @@ def check_report(report: dict) -> None:
 
 
 @pytest.mark.slow
-def test_smoke_run_writes_both_reports_with_all_six_stages(tmp_path):
+def test_smoke_run_writes_both_reports_with_all_seven_stages(tmp_path):
     out = tmp_path / "out"
     proc = _bash("scripts/gpu-check.sh", "--smoke", str(out), timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    budget = proc.stdout.split("== budget", 1)[1]
+    for stage in gpu_check.STAGES:  # the budget table, with what each limit was reckoned from
+        assert f"| {stage.name} | {stage.smoke_limit_s} | {stage.budget} |" in budget, stage.name
     report = json.loads((out / "gpu-check.json").read_text())
     check_report(report)
     assert report["smoke"] is True
@@ -62,14 +66,50 @@ def test_smoke_run_writes_both_reports_with_all_six_stages(tmp_path):
     stages_with_figures = {f["stage"] for f in report["figures"]}
     assert stages_with_figures == {s.name for s in gpu_check.STAGES}, stages_with_figures
     names = [f["name"] for f in report["figures"]]
-    for expected in ("copy bandwidth", "matrix product rate", "gpu tests passed", "lora_linear fwd+bwd",
-                     "nf4 gemm fwd", "nf4 decode", "token_logprobs", "engine decode", "self-play step", "preset"):
+    for expected in ("compile stage", "copy bandwidth", "matrix product rate", "gpu tests passed",
+                     "lora_linear fwd+bwd", "nf4 gemm fwd", "nf4 decode", "token_logprobs", "engine decode",
+                     "self-play step", "preset"):
         assert any(n.startswith(expected) for n in names), f"no figure {expected!r}: {names}"
     markdown = (out / "gpu-check.md").read_text()
     rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| figure")
             and not line.startswith("| stage")]
     assert len(rows) == len(report["figures"]) + len(report["stages"])
     assert "native libraries" in report["native"]
+
+
+def test_the_full_budget_fits_the_deadline_and_the_device_session():
+    """The stages' limits add up to at most the deadline, which with about 60 s of install and build
+    stays inside 9 minutes (the device session is 15, machine start-up included)."""
+    assert sum(s.gpu_limit_s for s in gpu_check.STAGES) <= gpu_check.DEADLINE_S <= 9 * 60 - 60
+    assert gpu_check.STAGES[0].name == "compile"  # nothing is timed before the compiles
+
+
+def test_a_stage_past_its_limit_is_killed_with_its_whole_process_group(tmp_path):
+    """A stage's children (pytest's workers, a server) die with it: nothing is orphaned."""
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; wait"
+    status, note = gpu_check.run_stage_process(["bash", "-c", script], 2, tmp_path)
+    assert status == "timeout" and "process group" in note
+    child = int(pid_file.read_text())
+    time.sleep(0.2)
+    try:  # gone, or a zombie waiting for init to reap it (killed all the same)
+        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        state = "gone"
+    assert state in ("gone", "Z", "X"), f"the stage's child {child} still runs (state {state})"
+
+
+def test_a_failed_stage_leaves_the_others_figures(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), str(out), "--smoke", "--stages",
+                           "environment,kernels"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env={**os.environ, "ABS_FAST_GPU_CHECK_FAIL_STAGE": "kernels", "TRITON_INTERPRET": ""})
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu-check.json").read_text())
+    status = {s["name"]: s["status"] for s in report["stages"]}
+    assert status["environment"] == "ok" and status["kernels"] == "failed" and status["decode"] == "not requested"
+    assert {f["stage"] for f in report["figures"]} == {"environment"}
+    assert any(f["name"].startswith("copy bandwidth") for f in report["figures"])
 
 
 def test_report_schema_check_can_fail():

@@ -150,10 +150,14 @@ class _SafetensorsSource:
 
 class _RandomSource:
     """Seeded random weights for a preset (HF's initialisation: normal(0, 0.02), zero biases, unit
-    norms), drawn per tensor so the draw of one does not depend on the others."""
+    norms), drawn per tensor so the draw of one does not depend on the others. On a GPU they are
+    drawn there (a 7B preset takes about a minute to draw on one CPU thread); a GPU's generator gives
+    other numbers than the CPU's for the same seed, so a preset's weights are the same for one seed
+    on one kind of device."""
 
-    def __init__(self, expected: dict[str, torch.Size], seed: int, std: float = 0.02):
+    def __init__(self, expected: dict[str, torch.Size], seed: int, device: torch.device, std: float = 0.02):
         self.shapes, self.seed, self.std = expected, seed, std
+        self.device = device if device.type == "cuda" else torch.device("cpu")
 
     def names(self) -> list[str]:
         return list(self.shapes)
@@ -164,12 +168,12 @@ class _RandomSource:
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, shape in self.shapes.items():
             if name.endswith("norm.weight"):
-                yield name, torch.ones(shape)
+                yield name, torch.ones(shape, device=self.device)
             elif name.endswith(".bias"):
-                yield name, torch.zeros(shape)
+                yield name, torch.zeros(shape, device=self.device)
             else:
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-                yield name, torch.randn(shape, generator=gen) * self.std
+                gen = torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+                yield name, torch.randn(shape, generator=gen, device=self.device).mul_(self.std)
 
 
 def _read_hf_config(path_or_preset: str | Path):
@@ -414,7 +418,7 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     model = Transformer(arch, hf_config, device="meta", dtype=dtype)
     model.rotary.to(device)
     expected = {name: p.shape for name, p in model.named_parameters()}
-    source = _SafetensorsSource(directory) if directory is not None else _RandomSource(expected, seed)
+    source = _SafetensorsSource(directory) if directory is not None else _RandomSource(expected, seed, device)
     modules = dict(model.named_modules())
     loaded: set[str] = set()
     total = len(expected)

@@ -37,7 +37,7 @@ __all__ = ["DEFAULT_POLL_EVERY", "EmbeddedEngine", "EngineStats"]
 # Decode steps between two host polls. On CPU (where a poll costs no device sync) 1..32 measured the
 # same within noise (bench/RESULTS.md); on a GPU a poll stalls the launch queue once, and a row that
 # finished idles until the next poll: 8 bounds that waste to 7 steps of a 256-512-token response.
-# The GPU choice is unmeasured: scripts/gpu-check.sh sweeps poll_every to settle it.
+# The GPU choice is unmeasured: the decode stage of scripts/gpu-check.sh measures 1, 4 and 32 against it.
 DEFAULT_POLL_EVERY = 8
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 
