@@ -64,7 +64,7 @@ class Stage:
 # about 1.5 s each on the device machine's 16 cores (3-4 s measured for one sm_90 compile on 2 cores;
 # ptxas is single-threaded, Triton compiles one variant at a time per process). The compile stage
 # pays for them once; the timed stages then find them in the shared cache.
-COMPILE_VARIANTS = 48
+COMPILE_VARIANTS = 32
 COMPILE_SECONDS_EACH = 1.5
 DEADLINE_S = 470
 STAGES = (
@@ -362,30 +362,15 @@ def _nf4_gemm_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, 
 
 
 def _nf4_decode_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, rows: int) -> None:
-    """Bytes of the packed NF4 weight per second at `rows` rows, as a fraction of the copy bandwidth."""
-    import torch
-
-    from abs_fast import native
-    from abs_fast.ops import lora_linear
-    from abs_fast.ops.nf4 import nf4_lora_native
-
-    problem = nf4_bench.NF4Problem(out_f, in_f, rows)
-    args = (problem.x.detach(), problem.weight, problem.lora_a.detach(), problem.lora_b.detach(),
-            problem.adapter_ids, problem.scaling)
-    variants = {}
-    if rec.cuda:
-        variants["triton"] = lambda: lora_linear(*args, backend="triton")
-    if (native.cuda_library() if rec.cuda else native.cpu_library()) is not None and rows <= native.MAX_ROWS:
-        variants["native"] = lambda: nf4_lora_native(*args)
-    if not variants:
-        variants["reference"] = lambda: lora_linear(*args, backend="reference")
-    for variant, fn in variants.items():
-        with torch.no_grad():
-            seconds = median_seconds(fn, rec.smoke)
-        rec.figure(f"nf4 decode {shape} rows {rows} {variant}", problem.weight.nbytes() / seconds / 1e9, "GB/s",
-                   "measured copy bandwidth", rec.references.get("copy_gbs"),
-                   shapes=f"[{rows}, {in_f}] x NF4 [{out_f}, {in_f}]",
-                   dtype="bf16 activations" if rec.cuda else "fp32 activations")
+    """The engine's own decode call for one projection (the layer, its routing built once, the NF4
+    scales decoded once; whatever the dispatch picks at this row count): bytes of the packed NF4
+    weight per second, as a fraction of the measured copy bandwidth."""
+    fn, path, nbytes = nf4_bench.engine_decode_call(out_f, in_f, rows)
+    seconds = median_seconds(fn, rec.smoke)
+    rec.figure(f"nf4 decode {shape} rows {rows} ({path})", nbytes / seconds / 1e9, "GB/s",
+               "measured copy bandwidth", rec.references.get("copy_gbs"),
+               shapes=f"[{rows}, {in_f}] x NF4 [{out_f}, {in_f}], the engine's call", path=path,
+               dtype="bf16 activations" if rec.cuda else "fp32 activations")
 
 
 def _logprobs_case(rec: Recorder, rollout_bench, T: int, K: int, V: int) -> None:

@@ -188,6 +188,50 @@ def test_gpu_nf4_gemm_forward(benchmark, shape, variant, monkeypatch):
         _run(benchmark, fn, rounds=20)
 
 
+ENGINE_DECODE_ROWS = (1, 16, 64, 256)
+
+
+def engine_decode_call(out_features: int, in_features: int, rows: int, seed: int = 0):
+    """The call an engine decode step makes for one projection, as the engine makes it: a
+    MultiLoRALinear whose NF4 base has its block scales decoded once (at quantisation), two adapters,
+    and one AdapterRouting built for the batch (ids checked once on the host: no sync per call).
+    Returns (fn, the implementation the dispatch picks for it: ops.lora.nf4_call_path)."""
+    from abs_fast.model import MultiLoRALinear
+    from abs_fast.ops.lora import nf4_call_path
+    from abs_fast.ops.routing import AdapterRouting
+
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    torch.manual_seed(seed)
+    layer = MultiLoRALinear(in_features, out_features, bias=False, device=DEVICE, dtype=dtype)
+    layer.quantize_base_()
+    for name in ("attacker", "defender"):
+        layer.add_adapter(name, RANK, ALPHA)
+        with torch.no_grad():
+            layer.lora_B[name].normal_(0, 0.01)
+    routing = AdapterRouting.from_ids([i % 3 - 1 for i in range(rows)], 2, device=DEVICE)  # base and both adapters
+    x = torch.randn(rows, in_features, device=DEVICE, dtype=dtype)
+    lora_a, lora_b = layer.stacked_adapters()
+
+    def fn():
+        with torch.no_grad():
+            return layer(x, routing)
+    with torch.no_grad():
+        path = nf4_call_path(x, layer.base_weight, lora_a, lora_b)
+    return fn, path, layer.base_weight.nbytes()
+
+
+@pytest.mark.parametrize("rows", ENGINE_DECODE_ROWS)
+def test_nf4_decode_engine_call(benchmark, rows):
+    """The engine's decode call (the dispatch picks native, the Triton decode matmul, or the general
+    path by row count); extra_info["bytes"] / time is the weight bandwidth, compared with the
+    measured HBM copy bandwidth in gpu-check."""
+    out_features, in_features = GPU_SHAPES["7b-gate_proj"] if HAS_CUDA else (256, 512)
+    fn, path, nbytes = engine_decode_call(out_features, in_features, rows)
+    benchmark.group = f"nf4 decode engine call rows {rows}"
+    benchmark.extra_info.update(path=path, rows=rows, bytes=nbytes, shape=f"{out_features}x{in_features}")
+    _run(benchmark, fn, rounds=50 if HAS_CUDA else 3)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="GPU suite")
 @pytest.mark.parametrize("variant", ["native", "triton", "bnb"])
 @pytest.mark.parametrize("batch", [1, 4, 16])

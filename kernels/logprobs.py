@@ -11,7 +11,7 @@ exp(logit - m) * (logit - m) (relative to m, so the entropy log s - e / s does n
 common offset), and the target's logit when it falls in the split. Partial statistics per split are combined by
 the caller (a few numbers per token). No [T, V] tensor exists.
 
-Backward (`token_grad_chunk_kernel`): for one vocabulary chunk [v0, v0 + V_CHUNK), recompute the
+Backward (`token_grad_chunk_kernel`): for one vocabulary chunk [v0, v0 + v_chunk), recompute the
 logit tile and write the gradient with respect to the logits,
 
     g[t, v] = dlogp[t] * (1[v = target] - p) - dent[t] * p * (log p + H[t]),   p = softmax(logits)[v],
@@ -45,14 +45,18 @@ def _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stri
     return acc
 
 
-@triton.jit
+# The token count T and the split sizes follow the batch: they are run-time values that Triton must
+# not specialise on (a value of 1 or a multiple of 16 would otherwise compile a variant of its own),
+# so one compiled kernel serves every micro-batch.
+# the four outputs are rows of one [4, n_splits, T] buffer: their alignment follows T too
+@triton.jit(do_not_specialize=["T", "v_per_split"],
+            do_not_specialize_on_alignment=["max_ptr", "sumexp_ptr", "sumexp_logit_ptr", "target_logit_ptr"])
 def token_stats_kernel(
     h_ptr, w_ptr, target_ptr,
     max_ptr, sumexp_ptr, sumexp_logit_ptr, target_logit_ptr,  # [n_splits, T] fp32 each
-    T, V, K, inv_temperature,
+    T, V, K, inv_temperature, v_per_split,
     stride_ht, stride_hk, stride_wv, stride_wk,
-    V_PER_SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     split = tl.program_id(1)
@@ -64,8 +68,8 @@ def token_stats_kernel(
     s = tl.zeros((BLOCK_T,), tl.float32)
     e = tl.zeros((BLOCK_T,), tl.float32)
     tgt = tl.zeros((BLOCK_T,), tl.float32)
-    v_start = split * V_PER_SPLIT
-    for v0 in range(v_start, v_start + V_PER_SPLIT, BLOCK_V):
+    v_start = split * v_per_split
+    for v0 in range(v_start, v_start + v_per_split, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < V
         logits = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv,
@@ -89,22 +93,23 @@ def token_stats_kernel(
     tl.store(target_logit_ptr + out, tgt, mask=t_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "v0", "v_chunk"])
 def token_grad_chunk_kernel(
     h_ptr, w_ptr, target_ptr, lse_ptr, entropy_ptr, dlogp_ptr, dentropy_ptr, g_ptr,
-    T, V, K, v0, inv_temperature,
+    T, V, K, v0, v_chunk, inv_temperature,
     stride_ht, stride_hk, stride_wv, stride_wk, stride_gt, stride_gv,
-    V_CHUNK: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """g[t, j] for vocabulary entries v0 + j, j < V_CHUNK (columns past V are written as 0)."""
+    """g[t, j] for vocabulary entries v0 + j, j < v_chunk (columns past V are written as 0), in g's
+    dtype (fp32 for fp32 and fp16 models: fp16 would flush most of p * dlogp to zero)."""
     pid_t = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_j = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_v = v0 + offs_j
     t_mask = offs_t < T
-    j_mask = offs_j < V_CHUNK
+    j_mask = offs_j < v_chunk
     v_mask = (offs_v < V) & j_mask
     logits = _logit_tile(h_ptr, w_ptr, offs_t, offs_v, t_mask, v_mask, K, stride_ht, stride_hk, stride_wv,
                          stride_wk, BLOCK_T, BLOCK_V, BLOCK_K, IEEE) * inv_temperature

@@ -25,18 +25,21 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Values that follow the batch (tile counts, split counts) are run-time arguments Triton must not
+# specialise on, so one compiled variant serves every token count.
+@triton.jit(do_not_specialize=["split_k"])
 def lora_shrink_kernel(
     x_ptr, p_ptr, scale_ptr, out_ptr,
     sorted_idx_ptr, tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
-    K, R,
+    K, R, split_k,
     stride_xm, stride_xk,
     stride_pa, stride_pr, stride_pk,
-    stride_om, stride_or,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    stride_os, stride_om, stride_or,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, LORA_PRECISION: tl.constexpr,
 ):
-    """out[t, :R] (+)= scale[a] * x[t, :] @ p[a, :R, :]^T for the rows of one adapter tile."""
+    """out[split, t, :R] = scale[a] * x[t, K range of split] @ p[a, :R, same range]^T for the rows of
+    one adapter tile: each of the split_k splits writes its own partial, which the caller sums
+    (deterministic: no atomics)."""
     tile = tl.program_id(0)
     split = tl.program_id(1)
     adapter = tl.load(tile_adapter_ptr + tile)
@@ -50,7 +53,7 @@ def lora_shrink_kernel(
         offs_k = tl.arange(0, BLOCK_K)
         p_base = p_ptr + adapter.to(tl.int64) * stride_pa
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
+        for k0 in range(split * BLOCK_K, K, split_k * BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < K
             x = tl.load(x_ptr + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -59,15 +62,11 @@ def lora_shrink_kernel(
                         mask=(offs_r[None, :] < R) & k_mask[:, None], other=0.0)
             acc = tl.dot(x.to(tl.float32), p.to(tl.float32), acc, input_precision=LORA_PRECISION)
         acc = acc * tl.load(scale_ptr + adapter)
-        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
-        out_mask = row_mask[:, None] & (offs_r[None, :] < R)
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc, mask=out_mask)
-        else:
-            tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        out_ptrs = out_ptr + split * stride_os + rows[:, None] * stride_om + offs_r[None, :] * stride_or
+        tl.store(out_ptrs, acc, mask=row_mask[:, None] & (offs_r[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles"])
 def lora_fused_matmul_kernel(
     x_ptr, w_ptr, w_code_ptr, w_scale_ptr, bias_ptr, l_ptr, q_ptr, out_ptr,
     sorted_idx_ptr, tile_adapter_ptr, tile_start_ptr, tile_end_ptr,
@@ -152,7 +151,7 @@ def lora_fused_matmul_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def lora_segment_grad_kernel(
     l_ptr, r_ptr, out_ptr,
     sorted_idx_ptr, seg_start_ptr, seg_count_ptr,

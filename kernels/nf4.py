@@ -42,7 +42,7 @@ def nf4_dequantize_kernel(
     tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "k_per_split"])  # the row count and the split follow the batch
 def nf4_decode_matmul_kernel(
     x_ptr, packed_ptr, scale_ptr, code_ptr, bias_ptr, l_ptr, ids_ptr, b_ptr, out_ptr,
     T, N, K, R, n_adapters, k_per_split,
@@ -50,7 +50,7 @@ def nf4_decode_matmul_kernel(
     stride_lm, stride_lr,
     stride_ba, stride_bn, stride_br,
     stride_os, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCKSIZE_LOG2: tl.constexpr, LORA_PRECISION: tl.constexpr, BASE_IEEE: tl.constexpr,
 ):
@@ -60,7 +60,7 @@ def nf4_decode_matmul_kernel(
     For few rows (decode) every row shares one M tile, so W is read once; split-K fills the GPU.
     BLOCK_K divides the NF4 blocksize and K, so a weight row has one scale per K step: the scale is
     a [BLOCK_N] vector per step (not a gather per element), and the packed bytes of a row are
-    contiguous (BLOCK_K / 2 bytes, split into high and low nibbles). With SPLIT_K == 1 the result is
+    contiguous (BLOCK_K / 2 bytes, split into high and low nibbles). With one split the result is
     written in out's dtype directly; otherwise the caller sums the fp32 splits (deterministic).
     """
     pid = tl.program_id(0)

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
-. scripts/setup.sh
+. scripts/setup.sh >&2  # its progress lines stay out of the markdown
 python scripts/readme_figures.py "$@"

