@@ -5,10 +5,12 @@ owns (a marker) and holds (an exclusive lock) for as long as it writes into them
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ __all__ = [
     "RunDirectoryError",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_text",
     "expect_file",
     "figure_png",
     "open_safetensors",
@@ -28,6 +31,8 @@ __all__ = [
     "read_text",
     "remove_stale_staging",
     "replace_directory",
+    "save_safetensors",
+    "shorten",
 ]
 
 
@@ -91,6 +96,18 @@ def replace_directory(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with any failure (a full disk: safetensors raises its own error type, not an
+    OSError) reported as an OSError that names the file and what to do."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as err:
+        raise OSError(errno.EIO, f"cannot write {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__} "
+                      "(is the disk full? free some space; the previous checkpoint is intact)", str(path)) from None
+
+
 def figure_png(fig, path: str | Path | None = None) -> bytes:
     """A matplotlib figure as PNG bytes (closed afterwards), also written atomically to `path`."""
     import io
@@ -108,13 +125,52 @@ def figure_png(fig, path: str | Path | None = None) -> bytes:
 
 # --- reads that name the file -------------------------------------------------------------------
 
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
 def expect_file(path: str | Path, what: str = "file") -> None:
-    """A missing path and a directory where a file belongs are errors that say which."""
+    """A path that is not a regular file is an error that says what it is (missing, a directory, a
+    symbolic link loop, a FIFO, a device, a socket), checked before anything opens it, so a pipe
+    can never block a read."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(21, f"{what} {path} is a directory; expected a file", str(path))
-    if not path.exists():
-        raise FileNotFoundError(2, f"{what} {path} does not exist", str(path))
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"{what} {path} does not exist", str(path)) from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{what} {path} is a symbolic link loop", str(path)) from None
+        raise
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, f"{what} {path} is a directory; expected a file", str(path))
+    for test, kind in _KINDS:
+        if test(mode):
+            raise OSError(errno.EINVAL, f"{what} {path} is {kind}; expected a regular file", str(path))
+
+
+def shorten(value: object, limit: int = 200) -> str:
+    """repr(value), cut to `limit` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def check_text(text: str, where: str) -> str:
+    """Text that every later step can encode: no NUL byte and no lone surrogate (which the JSON
+    escape \\ud800 can produce); an error names `where` and the line and column."""
+    if "\x00" in text:
+        _text_error(text, text.index("\x00"), "a NUL byte", where)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        _text_error(text, err.start, "a lone surrogate (not a character)", where)
+    return text
+
+
+def _text_error(text: str, position: int, what: str, where: str):
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    raise ValueError(f"{where}: line {line}, column {column}: {what}; remove it")
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
@@ -122,7 +178,7 @@ def read_text(path: str | Path, what: str = "file") -> str:
     path = Path(path)
     expect_file(path, what)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte order mark is not part of the text
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} {path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
 
@@ -261,9 +317,12 @@ class RunDirectory:
             fd, count = _HELD[key]
             _HELD[key] = (fd, count + 1)
         else:
-            try:
-                fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link: the lock is ours, whatever the link points at is not
+                fd = os.open(self.path / _LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise RunDirectoryError(f"{self.path / _LOCK_NAME} is a symbolic link; abs-fast writes its lock "
+                                            "only into a file of its own: remove the link") from None
                 raise RunDirectoryError(f"cannot write into {self.path}: {err.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -272,8 +331,13 @@ class RunDirectory:
                 os.close(fd)
                 raise RunDirectoryError(f"{self.path} is in use by another abs-fast process (PID {holder}); wait for "
                                         "it to finish or choose another directory") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as err:
+                os.close(fd)
+                raise RunDirectoryError(f"cannot write {self.path / _LOCK_NAME}: {err.strerror} (free some disk "
+                                        "space, or choose another directory)") from None
             _HELD[key] = (fd, 1)
         self._key = key
         if self.marker() is None:

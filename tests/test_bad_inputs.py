@@ -93,6 +93,34 @@ def world(tmp_path_factory, reference_backend):
     optimizer.write_bytes(optimizer.read_bytes()[:700])
     (sorted((root / "run_state" / "checkpoints").glob("step_*"))[-1] / "state.json").write_text("{")
     (root / "run_latest" / "checkpoints" / "latest").write_text("step_999999\n")
+    # hostile files: a run directory whose lock is a link to someone's file, a FIFO, a symbolic link loop,
+    # seeds with a lone surrogate or a NUL byte (JSON escapes), a config value of 300k characters
+    (root / "victim.txt").write_text("someone else's file\n")
+    (root / "run_symlock").mkdir()
+    (root / "run_symlock" / ".abs-fast-run").write_text('{"kind": "train"}\n')
+    (root / "run_symlock" / ".abs-fast-lock").symlink_to(root / "victim.txt")
+    os.mkfifo(root / "fifo.json")
+    os.mkfifo(root / "fifo.csv")
+    (root / "loop.json").symlink_to(root / "loop2.json")
+    (root / "loop2.json").symlink_to(root / "loop.json")
+    (root / "surrogate.jsonl").write_text('{"prompt": "fine", "type": "benign"}\n{"prompt": "bad \\ud800 here", '
+                                          '"type": "harmful"}\n')
+    (root / "nul.jsonl").write_text('{"prompt": "a\\u0000b", "type": "harmful"}\n')
+    (root / "config_huge.json").write_text(json.dumps({"steps": "9" * 10 + "x" * 300_000}))
+    # runs whose saved state must not be resumed or played: NaN adapters, a pointer out of the run
+    for name in ("run_rank", "run_nan", "run_outside"):
+        shutil.copytree(run, root / name)
+        (root / name / ".abs-fast-lock").unlink(missing_ok=True)
+    from safetensors.torch import load_file, save_file
+
+    for adapters in (sorted((root / "run_nan" / "checkpoints").glob("step_*"))[-1] / "adapters" / "defender",):
+        tensors = load_file(adapters / "adapter_model.safetensors")
+        save_file({k: v * float("nan") for k, v in tensors.items()}, adapters / "adapter_model.safetensors")
+    shutil.copytree(run / "defender", root / "adapter_nan")
+    tensors = load_file(root / "adapter_nan" / "adapter_model.safetensors")
+    save_file({k: v * float("nan") for k, v in tensors.items()}, root / "adapter_nan" / "adapter_model.safetensors")
+    step = sorted((root / "run_outside" / "checkpoints").glob("step_*"))[-1].name
+    (root / "run_outside" / "checkpoints" / "latest").write_text(f"../../run/checkpoints/{step}\n")
     # a demo run (train must not take it) and a broken results folder for report
     (root / "demo").mkdir()
     (root / "demo" / ".abs-fast-run").write_text('{"kind": "demo"}\n')
@@ -124,7 +152,7 @@ CASES = [
     ("beta-one", T("adam_beta2=1"), "adam_beta2"),
     ("device-banana", T("device=banana"), "banana"),
     ("device-cuda-absent", T("device=cuda:7"), "cuda:7"),
-    ("engine-huge", T("engine_max_batch=10000000"), "GiB"),
+    ("engine-huge", T("engine_max_batch=65536"), "GiB"),
     ("prompt-budget", T("max_prompt_tokens=1"), "max_prompt_tokens"),
     ("steps-zero", T("steps=0"), "steps"),
     ("unknown-key", T("colour=1"), "colour"),
@@ -216,11 +244,47 @@ CASES = [
     ("report-corrupt", ["report", "{w}/results", "--output", "{w}/report_new2"], "{w}/results/eval.json"),
     # --- plan
     ("plan-gpu-memory", ["plan", "--preset", "tiny", "--gpu-memory", "lots"], "lots"),
+    # --- hostile input, round 2: links and special files
+    ("lock-symlink", T(before=("--output", "{w}/run_symlock")), ".abs-fast-lock is a symbolic link"),
+    ("config-fifo", ["train", "--config", "{w}/fifo.json"], "named pipe"),
+    ("seeds-fifo", T("seeds={w}/fifo.csv"), "named pipe"),
+    ("config-loop", ["train", "--config", "{w}/loop.json"], "symbolic link loop"),
+    ("seeds-loop", T("seeds={w}/loop.json"), "symbolic link loop"),
+    ("eval-suite-fifo", ["eval", "--policy", "{w}/run", "--suite", "xstest={w}/fifo.csv"], "named pipe"),
+    # ranges
+    ("samples-huge", T("samples_per_prompt=1000000"), "samples_per_prompt"),
+    ("rank-huge", T("lora_rank=100000"), "lora_rank"),
+    ("games-per-step", T("rollout_batch_size=65536", "samples_per_prompt=256"), "samples_per_prompt"),
+    ("judge-seq-huge", T("judge_max_seq_len=99999999"), "judge_max_seq_len"),
+    # resume drift and non-finite state
+    ("resume-rank", ["train", "--resume", "--output", "{w}/run_rank", "--set", "lora_rank=4"], "lora_rank was 16"),
+    ("resume-alpha", ["train", "--resume", "--output", "{w}/run_rank", "--set", "lora_alpha=8"], "lora_alpha"),
+    ("resume-targets", ["train", "--resume", "--output", "{w}/run_rank", "--set", "target_modules=q_proj"],
+     "target_modules"),
+    ("resume-nan", ["train", "--resume", "--output", "{w}/run_nan"], "NaN"),
+    ("resume-outside", ["train", "--resume", "--output", "{w}/run_outside"], "checkpoint pointer"),
+    ("eval-nan-adapter", ["eval", "--policy", "{w}/adapter_nan", "--model", "{w}/model", "--suite",
+                          "xstest={w}/xstest_ok.csv", "--quiet"], "NaN"),
+    # zero means zero, or is refused
+    ("eval-max-new-tokens-zero", ["eval", "--policy", "{w}/run", "--suite", "xstest={w}/xstest_ok.csv",
+                                  "--max-new-tokens", "0"], "--max-new-tokens"),
+    ("eval-attack-samples-zero", ["eval", "--policy", "{w}/run", "--suite", "xstest={w}/xstest_ok.csv",
+                                  "--attack-samples", "0"], "--attack-samples"),
+    ("crossplay-max-new-tokens-zero", ["crossplay", "--attackers", "{w}/run", "--defenders", "base", "--seeds",
+                                       "builtin", "--max-new-tokens", "0"], "--max-new-tokens"),
+    # SGLang's argparse expands prefixes: --hos is --host
+    ("sglang-host-prefix", T("rollout_engine=sglang", "sglang_args=--hos 0.0.0.0",
+                             before=("--model", "{w}/model", "--output", "{w}/run_sglang")), "--host"),
+    # odd text
+    ("seeds-surrogate", T("seeds={w}/surrogate.jsonl"), "{w}/surrogate.jsonl:2"),
+    ("seeds-nul", T("seeds={w}/nul.jsonl"), "NUL byte"),
+    ("config-nul", T("tokenizer=a\x00b"), "NUL byte"),
+    ("config-huge-value", ["train", "--config", "{w}/config_huge.json"], "(300012 characters)"),
 ]
 
 
-def test_the_table_has_60_cases_across_the_commands():
-    assert len(CASES) >= 60
+def test_the_table_has_100_cases_across_the_commands():
+    assert len(CASES) >= 100
     assert {argv[0] for _, argv, _ in CASES} >= {"train", "demo", "eval", "crossplay", "exploit", "report"}
 
 
@@ -314,3 +378,43 @@ def test_a_second_process_on_the_same_run_directory_is_refused_with_the_holders_
     finally:
         first.kill()
         first.wait()
+
+
+# --- hostile input, round 2: what is not a refusal ------------------------------------------------
+
+def test_text_with_a_byte_order_mark_and_paths_with_commas_load(tmp_path):
+    """A CSV saved with a UTF-8 byte order mark reads its header as written; a seed path holding a comma
+    is given in double quotes."""
+    from abs_fast.game import load_seeds
+    from abs_fast.train import apply_overrides, preset_config
+
+    path = tmp_path / "with,comma.csv"
+    path.write_bytes("\ufeffprompt,type\nhello there,benign\n".encode())
+    assert [s.prompt for s in load_seeds(path)] == ["hello there"]
+    config = apply_overrides(preset_config("tiny"), [f'seeds="{path}",builtin'])
+    assert config.seeds == [str(path), "builtin"]
+
+
+def test_a_full_disk_while_saving_names_the_file_and_keeps_the_checkpoint(world, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk with its own error type, not an OSError: the save names the file
+    and what to do, exits 2, and the run's previous checkpoint stays whole."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from abs_fast.train import latest_checkpoint
+
+    run = tmp_path / "run"
+    assert main(T("steps=1", "checkpoint_every=1", "rollout_batch_size=2", "train_batch_size=2",
+                  "attacker_max_new_tokens=4", "defender_max_new_tokens=4", "diagnostics_every=0",
+                  before=("--model", str(world / "model"), "--output", str(run)))) == 0
+    saved = latest_checkpoint(run)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    capsys.readouterr()
+    code = main(["train", "--resume", "--output", str(run), "--set", "steps=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert "cannot write" in err and "safetensors" in err and "disk" in err, err[-1000:]
+    assert latest_checkpoint(run) == saved

@@ -104,7 +104,7 @@ def test_train_refuses_a_run_that_does_not_fit_before_loading_weights(tmp_path, 
         raise AssertionError("the model was loaded before the memory check")
     monkeypatch.setattr(loop, "load_policy_for", never)
     monkeypatch.setattr(loop, "load_tokenizer_for", never)
-    config = apply_overrides(preset_config("tiny"), [f"output={tmp_path}", "device=cpu", "engine_max_batch=10000000"])
+    config = apply_overrides(preset_config("tiny"), [f"output={tmp_path}", "device=cpu", "engine_max_batch=65536"])
     with pytest.raises(ValueError, match=r"engine_max_batch=.*KV cache") as refused:
         Trainer(config)
     assert "GiB" in str(refused.value) and "check_memory=false" in str(refused.value)

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 def _settings(config: TrainConfig, max_new_tokens: int | None, temperature: float, attack_samples: int = 64,
               progress: bool = True) -> EvalSettings:
-    return EvalSettings(max_new_tokens=max_new_tokens or 512, temperature=temperature, reasoning=config.reasoning,
+    return EvalSettings(max_new_tokens=512 if max_new_tokens is None else max_new_tokens, temperature=temperature,
+                        reasoning=config.reasoning,
                         engine_max_batch=config.engine_max_batch, seed=config.seed, attack_samples=attack_samples,
                         attack_temperature=config.temperature, token_budget=config.token_budget, progress=progress)
 
@@ -80,7 +81,7 @@ def eval_command(policy: str | None, suite_specs: Sequence[str], base_only: bool
         raise ValueError("give --policy RUN_OR_ADAPTER_DIR, or --base-only (with --model DIR) for the base model")
     if not suite_specs:
         raise ValueError("give at least one --suite NAME=PATH")
-    _check_limit(limit)
+    _check_limit(limit, max_new_tokens, attack_samples)
     config = eval_config([policy] if policy else [], model, list(overrides))
     paths = {"defender": None if base_only else role_adapter(policy, "defender"),
              "attacker": role_adapter(policy, "attacker") if policy and is_run_dir(policy) and not base_only
@@ -133,7 +134,7 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
     """`abs-fast crossplay`. Returns (output directory, results)."""
     if not attackers or not defenders:
         raise ValueError("give at least one attacker and one defender (adapter or run directories, or 'base')")
-    _check_limit(limit)
+    _check_limit(limit, max_new_tokens)
     config = eval_config([*attackers, *defenders], model, list(overrides))
     seeds = _seeds(seed_specs, limit, config.seed)
     paths, labels = {}, {"attacker": [], "defender": []}
@@ -158,9 +159,13 @@ def crossplay_command(attackers: Sequence[str], defenders: Sequence[str], seed_s
     return Path(output), results
 
 
-def _check_limit(limit: int | None) -> None:
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1 (items per suite or seeds), got {limit}")
+def _check_limit(limit: int | None, max_new_tokens: int | None = None, attack_samples: int | None = None) -> None:
+    """A number option means what it says or is refused: 0 is never read as "the default"."""
+    for flag, value, what in (("--limit", limit, "items per suite or seeds"),
+                              ("--max-new-tokens", max_new_tokens, "tokens per answer"),
+                              ("--attack-samples", attack_samples, "seeds in the attacker probe")):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1 ({what}), got {value}")
 
 
 def exploit_command(defender: str, steps: int, model: str | None = None, overrides: Sequence[str] = (),

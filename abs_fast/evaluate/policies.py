@@ -63,6 +63,7 @@ def adapter_config(adapter: str | Path) -> TrainConfig:
     config of the run it lies in; else the tiny preset with its base_model_name_or_path (an adapter
     PEFT wrote)."""
     adapter = Path(adapter)
+    peft_config = read_adapter_config(adapter)  # a broken adapter is named before anything else is read
     info = read_adapter_base(adapter)
     if info is not None:
         values = {key: info[key] for key in (*BASE_INFO_KEYS, "chat_template", "seed") if key in info}
@@ -70,7 +71,7 @@ def adapter_config(adapter: str | Path) -> TrainConfig:
     run = owning_run(adapter)
     if run is not None:
         return config_from_file(run / "config.json")
-    base = read_adapter_config(adapter).get("base_model_name_or_path")
+    base = peft_config.get("base_model_name_or_path")
     if base:
         return apply_overrides(preset_config("tiny"), {"model": base}, where=str(adapter / CONFIG_NAME))
     return preset_config("tiny")

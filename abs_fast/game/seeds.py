@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from abs_fast.game.rewards import SEED_TYPES
-from abs_fast.io import expect_file, read_text
+from abs_fast.io import check_text, expect_file, read_text, shorten
 
 __all__ = ["PROMPT_COLUMNS", "TYPE_COLUMNS", "TYPE_VALUES", "Seed", "SeedStream", "builtin_seeds", "load_seeds",
            "parse_seed_spec", "read_records"]
@@ -110,7 +110,8 @@ def load_seeds(path: str | Path, seed_type: str | None = None, prompt_column: st
                                      f"type of the whole file instead, e.g. harmful={path}")
         prompt = row.get(prompt_key)
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: {prompt_key!r} must be a non-empty string, got {prompt!r}")
+            raise ValueError(f"{where}: {prompt_key!r} must be a non-empty string, got {shorten(prompt)}")
+        check_text(prompt, f"{where}: {prompt_key!r}")
         if seed_type is not None:
             kind = seed_type
         else:

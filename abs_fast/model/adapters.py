@@ -18,9 +18,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from abs_fast.io import atomic_write_text, open_safetensors, read_text, replace_directory
+from abs_fast.io import atomic_write_text, open_safetensors, read_text, replace_directory, save_safetensors
 from abs_fast.model.lora import MultiLoRALinear
 
 __all__ = ["BASE_INFO_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "load_peft_adapter", "peft_adapter_state",
@@ -88,7 +87,7 @@ def write_peft_adapter(directory: str | Path, config: dict, tensors: dict[str, t
     when `base_info` is given), written atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with replace_directory(directory) as staging:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(tensors, staging / WEIGHTS_NAME, metadata={"format": "pt"})
         atomic_write_text(staging / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
         if base_info is not None:
             atomic_write_text(staging / BASE_INFO_NAME, json.dumps(base_info, indent=2, sort_keys=True) + "\n")
@@ -165,7 +164,11 @@ def load_peft_adapter(layers: dict[str, MultiLoRALinear], directory: str | Path,
                 known = ", ".join(sorted(layers)[:3])
                 raise ValueError(f"{weights}: tensor {key!r} targets module {module!r}, which is not a target "
                                  f"layer of this model (target layers look like: {known}, ...)")
-            pairs.setdefault(module, {})[match["part"]] = f.get_tensor(key)
+            tensor = f.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{weights}: tensor {key!r} holds NaN or infinite values; this adapter cannot be "
+                                 "played (train from the checkpoint before it went non-finite)")
+            pairs.setdefault(module, {})[match["part"]] = tensor
     if not pairs:
         raise ValueError(f"{weights}: holds no LoRA tensors")
     rslora = bool(config.get("use_rslora", False))

@@ -13,9 +13,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from abs_fast.io import atomic_write_text, read_safetensors, read_text, replace_directory
+from abs_fast.io import atomic_write_text, read_safetensors, read_text, replace_directory, save_safetensors, shorten
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -43,8 +42,8 @@ def save_checkpoint(run_dir: str | Path, step: int, policy, optimizer: torch.opt
     with replace_directory(target) as staging:
         policy.save_adapters(staging / "adapters", base_info=base_info)
         tensors, groups = _optimizer_tensors(optimizer)
-        save_file(tensors, str(staging / OPTIMIZER_NAME))
-        save_file({k: v.contiguous() for k, v in rng_states.items()}, str(staging / RNG_NAME))
+        save_safetensors(tensors, staging / OPTIMIZER_NAME)
+        save_safetensors({k: v.contiguous() for k, v in rng_states.items()}, staging / RNG_NAME)
         (staging / STATE_NAME).write_text(json.dumps({**state, "step": step, "optimizer": groups}, indent=2),
                                           encoding="utf-8")
     atomic_write_text(root / "latest", target.name + "\n")
@@ -59,7 +58,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    target = root / read_text(pointer, "checkpoint pointer").strip()
+    name = read_text(pointer, "checkpoint pointer").strip()
+    target = root / name
+    if not name.startswith("step_") or Path(name).name != name or target.is_symlink():
+        raise ValueError(f"{pointer} names {shorten(name)}: a checkpoint pointer names a step_* directory inside "
+                         f"{root}, nothing elsewhere")
     if not (target / STATE_NAME).is_file():
         raise FileNotFoundError(f"{pointer} names {target.name}, which is missing or incomplete")
     return target
@@ -77,6 +80,9 @@ def load_checkpoint(checkpoint: str | Path, policy, optimizer: torch.optim.Optim
     tensors = read_safetensors(checkpoint / OPTIMIZER_NAME, "optimizer state")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{checkpoint / OPTIMIZER_NAME}: {key!r} holds NaN or infinite values; resume from an "
+                             "earlier checkpoint")
         index, _, name = key.partition(".")
         per_param.setdefault(int(index), {})[name] = value
     saved_groups = state["optimizer"]["param_groups"]

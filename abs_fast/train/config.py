@@ -6,6 +6,7 @@ Every key is checked: an unknown key or a value of the wrong type is an error th
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -14,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from abs_fast.io import read_text
+from abs_fast.io import read_text, shorten
 
-__all__ = ["MODES", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "config_from_file", "preset_config",
+__all__ = ["INT_RANGES", "MODES", "RESUME_FIXED", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "check_resume",
+           "config_from_file", "preset_config",
            "role_adapters"]
 
 MODES = ("bipolicy", "shared", "defender-only", "attacker-only")
@@ -32,7 +34,24 @@ def role_adapters(mode: str) -> dict[str, str | None]:
     }[mode]
 
 
+# The range of every integer key (inclusive), checked before any work: past the upper bound a value is a
+# typo or would run for days (e.g. samples_per_prompt=1000000 deals 10^8 games a step). README lists them.
+INT_RANGES = {
+    "lora_rank": (1, 1024), "rollout_batch_size": (1, 65536), "samples_per_prompt": (1, 256),
+    "attacker_max_new_tokens": (1, 131072), "defender_max_new_tokens": (1, 131072), "max_prompt_tokens": (1, 131072),
+    "engine_max_batch": (1, 65536), "judge_max_batch": (1, 65536), "judge_max_seq_len": (1, 131072),
+    "train_batch_size": (1, 1_000_000), "token_budget": (1, 10_000_000), "steps": (1, 10_000_000),
+    "checkpoint_every": (1, 10_000_000), "keep_checkpoints": (1, 1000), "diagnostics_every": (0, 10_000_000),
+    "max_nonfinite_steps": (1, 1000), "seed": (0, 2**63 - 1),
+}
+GAMES_PER_STEP_LIMIT = 1_048_576  # rollout_batch_size x samples_per_prompt x 2 roles
+
 # upper bounds past which a value is a typo, not a choice (LoRA Adam rates are ~1e-6..1e-3)
+# keys whose value shapes a run's saved state: a resume that changes one is refused (the adapters,
+# their optimizer state or the base they were trained on would no longer match)
+RESUME_FIXED = ("model", "tokenizer", "chat_template", "quantize", "lora_rank", "lora_alpha", "target_modules", "mode",
+                "reasoning")
+
 _SANE_UPPER = {"lr_attacker": 1.0, "lr_defender": 1.0, "kl_beta": 100.0, "clip_eps": 10.0, "temperature": 10.0,
                "weight_decay": 10.0}
 
@@ -117,6 +136,13 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, (low, high) in INT_RANGES.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"{name} must be in [{low}, {high}], got {getattr(self, name)}")
+        if self.rollout_batch_size * self.samples_per_prompt * 2 > GAMES_PER_STEP_LIMIT:
+            raise ValueError(f"rollout_batch_size x samples_per_prompt = {self.rollout_batch_size} x "
+                             f"{self.samples_per_prompt} turns a step past {GAMES_PER_STEP_LIMIT // 2} games; lower "
+                             "samples_per_prompt or rollout_batch_size")
         if not 0.0 <= self.generated_fraction <= 1.0:
             raise ValueError(f"generated_fraction must be in [0, 1], got {self.generated_fraction}")
         if not 0 < self.top_p <= 1 or self.temperature < 0:
@@ -218,15 +244,17 @@ def _coerce(key: str, value, where: str):
     if key not in _FIELDS:
         raise KeyError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}")
     hint = _HINTS[key]
-    bad = ValueError(f"{where}: {key} must be {_describe(hint)}, got {value!r}")
+    bad = ValueError(f"{where}: {key} must be {_describe(hint)}, got {shorten(value)}")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError(f"{where}: {key} holds a NUL byte (at character {value.index(chr(0)) + 1}); remove it")
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         if value not in choices:
             raise bad
         return value
     if get_origin(hint) is list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # comma-separated; a value with a comma goes in double quotes
+            return [v.strip() for v in next(csv.reader([value], skipinitialspace=True), []) if v.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
         raise bad
@@ -303,3 +331,19 @@ def config_from_file(path: str | Path) -> TrainConfig:
     preset = values.pop("preset", None)
     base = preset_config(preset) if preset is not None else TrainConfig()
     return apply_overrides(base, values, where=str(path))
+
+
+def check_resume(config: TrainConfig, saved_path: str | Path) -> None:
+    """Refuse to resume the run whose config.json is `saved_path` under a config that changes a key its
+    saved state depends on (RESUME_FIXED): name the key, the saved value and this run's."""
+    saved_path = Path(saved_path)
+    if not saved_path.is_file():
+        return  # a run from before config.json was written: nothing to compare with
+    saved = config_from_file(saved_path)
+    for key in RESUME_FIXED:
+        before, now = getattr(saved, key), getattr(config, key)
+        if before != now:
+            raise ValueError(f"--resume: {key} was {shorten(before)} in {saved_path} and would be {shorten(now)}: the "
+                             "saved adapters and optimizer state depend on it. Resume with the saved value, or "
+                             "start a new run in another output directory")
+

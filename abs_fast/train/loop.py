@@ -43,7 +43,7 @@ from abs_fast.train.build import (
     stop_token_ids,
 )
 from abs_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from abs_fast.train.config import TrainConfig, role_adapters
+from abs_fast.train.config import TrainConfig, check_resume, role_adapters
 from abs_fast.train.distributed import init_distributed
 from abs_fast.train.games import Game, deal_games, game_metrics, score_games
 from abs_fast.train.metrics import MetricsLog
@@ -123,6 +123,8 @@ class Trainer:
         check_before_loading(config)
         if resume and latest_checkpoint(self.run_dir) is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if resume:
+            check_resume(config, self.run_dir / "config.json")
         if not resume and latest_checkpoint(self.run_dir) is not None:
             raise FileExistsError(f"{self.run_dir} already holds a run with checkpoints; pass --resume to continue "
                                   "it, or choose another output directory")

@@ -337,11 +337,14 @@ def _advice(plan: MemoryPlan, config: TrainConfig) -> list[str]:
     if "engine KV cache" in plan.resident:
         kv = plan.resident["engine KV cache"]
         rows = max(1, int(config.engine_max_batch * max(0.0, 1 - over / max(kv, 1))))
+        seq_len = config.max_prompt_tokens + config.attacker_max_new_tokens + config.defender_max_new_tokens
         tips.append(f"engine_max_batch={min(rows, config.engine_max_batch // 2 or 1)} shrinks the engine KV cache "
-                    f"({kv / GIB:.1f} GiB now)")
+                    f"({kv / GIB:.1f} GiB now: engine_max_batch={config.engine_max_batch} rows of max_prompt_tokens + "
+                    f"attacker_max_new_tokens + defender_max_new_tokens = {seq_len} tokens; lower any of them)")
     if "judge KV cache" in plan.resident:
         tips.append(f"judge_max_batch={max(1, config.judge_max_batch // 2)} shrinks the judge KV cache "
-                    f"({plan.resident['judge KV cache'] / GIB:.1f} GiB now)")
+                    f"({plan.resident['judge KV cache'] / GIB:.1f} GiB now: judge_max_batch={config.judge_max_batch} "
+                    f"x judge_max_seq_len={config.judge_max_seq_len})")
     if "SGLang server (mem fraction)" in plan.resident:
         tips.append("'sglang_args=--mem-fraction-static 0.5' (or lower) leaves more of the GPU to the trainer")
     tips.append(f"the run needs about {math.ceil(over / GIB * 10) / 10} GiB more than the "
