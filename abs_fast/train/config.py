@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
-from abs_fast.io import read_text, shorten
+from abs_fast.io import check_text, read_text, shorten
 
 __all__ = ["INT_RANGES", "MODES", "RESUME_FIXED", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "check_resume",
            "config_from_file", "preset_config",
@@ -245,8 +245,8 @@ def _coerce(key: str, value, where: str):
         raise KeyError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}")
     hint = _HINTS[key]
     bad = ValueError(f"{where}: {key} must be {_describe(hint)}, got {shorten(value)}")
-    if isinstance(value, str) and "\x00" in value:
-        raise ValueError(f"{where}: {key} holds a NUL byte (at character {value.index(chr(0)) + 1}); remove it")
+    if isinstance(value, str):
+        check_text(value, f"{where}: {key}")  # no NUL byte, no lone surrogate
     if get_origin(hint) is Literal:
         choices = get_args(hint)
         if value not in choices:
