@@ -12,6 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
+from abs_fast.io import shorten
+
 
 def _train_presets():
     from abs_fast.train.config import TRAIN_PRESETS
@@ -378,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (refusal := _undecodable_argument(sys.argv[1:] if argv is None else argv)) is not None:
+        print(f"abs-fast {args.command or ''}: {refusal}".replace("  ", " "), file=sys.stderr)
+        return 2
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -394,6 +399,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, previous)
+
+
+def _undecodable_argument(argv: list[str]) -> str | None:
+    """Arguments are written into JSON and metadata later: one holding bytes that are not UTF-8 (a
+    file name from another encoding) is refused now, not after the work."""
+    for argument in argv:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError as err:
+            code = ord(argument[err.start])
+            byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            return (f"argument {shorten(argument)} holds a {byte} at column {err.start + 1}, which is not UTF-8; "
+                    "rename the path (or pass a UTF-8 name)")
+    return None
 
 
 def _raise_terminated(signum, frame):

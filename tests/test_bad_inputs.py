@@ -69,6 +69,9 @@ def world(tmp_path_factory, reference_backend):
     # broken model directories
     for name in ("model_truncated", "model_badconfig", "model_arch", "model_noconfig"):
         shutil.copytree(root / "model", root / name)
+    shutil.copytree(root / "model", root / "model_tokenizer_truncated")
+    tokenizer_file = root / "model_tokenizer_truncated" / "tokenizer.json"
+    tokenizer_file.write_bytes(tokenizer_file.read_bytes()[:5000])
     weights = root / "model_truncated" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     (root / "model_badconfig" / "config.json").write_text('{"model_type": ')
@@ -186,6 +189,8 @@ CASES = [
     ("model-bad-config", T(before=("--model", "{w}/model_badconfig",)), "{w}/model_badconfig/config.json"),
     ("model-arch", T(before=("--model", "{w}/model_arch",)), "gpt_neox"),
     ("model-truncated", T(before=("--model", "{w}/model_truncated",)), "{w}/model_truncated/model.safetensors"),
+    ("tokenizer-truncated", T(before=("--model", "{w}/model_tokenizer_truncated",)),
+     "{w}/model_tokenizer_truncated: its tokenizer files"),
     # --- train: output directories and checkpoints
     ("output-file", T(before=("--output", "{w}/plain.txt",)), "{w}/plain.txt"),
     ("output-under-file", T(before=("--output", "{w}/plain.txt/run",)), "plain.txt"),
@@ -280,6 +285,10 @@ CASES = [
     ("seeds-nul", T("seeds={w}/nul.jsonl"), "NUL byte"),
     ("config-nul", T("tokenizer=a\x00b"), "NUL byte"),
     ("config-huge-value", ["train", "--config", "{w}/config_huge.json"], "(300012 characters)"),
+    # a file name in another encoding: refused before any work, for every command
+    ("output-not-utf8", T(before=("--output", "{w}/r\udcff",)), "byte 0xff"),
+    ("report-not-utf8", ["report", "{w}/run", "--output", "{w}/r\udce9"], "byte 0xe9"),
+    ("seeds-not-utf8", T("seeds={w}/s\udcff.csv"), "not UTF-8"),
 ]
 
 
@@ -418,3 +427,62 @@ def test_a_full_disk_while_saving_names_the_file_and_keeps_the_checkpoint(world,
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert "cannot write" in err and "safetensors" in err and "disk" in err, err[-1000:]
     assert latest_checkpoint(run) == saved
+
+
+def test_a_full_disk_when_the_run_starts_names_the_lock_file(world, tmp_path, capsys, monkeypatch):
+    """No space for the lock's PID (an injected ENOSPC): exit 2 naming the lock file and what to do."""
+    import errno
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "pwrite", full)
+    run = tmp_path / "run"
+    code = main(T("steps=1", before=("--model", str(world / "model"), "--output", str(run))))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert f"cannot write {run / '.abs-fast-lock'}" in err and "free some disk space" in err, err[-1000:]
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_disk_that_fills_mid_run_stops_cleanly_and_resumes_equal(world, tmp_path):
+    """A real full disk (a 1.5 MB tmpfs; root only): the second checkpoint does not fit. The run exits 2
+    naming the file, leaves no staging directory and keeps the first checkpoint; moved to a larger disk,
+    it resumes to adapters bitwise equal to a run that never stopped."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "1500k"):
+        pytest.skip("mounting a tmpfs needs root (the injected ENOSPC tests cover the rest)")
+    env = {**os.environ, "ABS_FAST_CACHE": str(world / ".cache"), "ABS_FAST_BACKEND": "reference"}
+    settings = ["steps=3", "checkpoint_every=1", "rollout_batch_size=2", "train_batch_size=2", "seed=3",
+                "attacker_max_new_tokens=4", "defender_max_new_tokens=4", "diagnostics_every=0"]
+
+    def train(output: Path, *extra: str, steps: str = "steps=3") -> subprocess.CompletedProcess:
+        argv = T(*settings, steps, before=("--model", str(world / "model"), "--output", str(output), *extra))
+        return subprocess.run([sys.executable, "-m", "abs_fast.cli", *argv], env=env, capture_output=True, text=True,
+                              timeout=600)
+    try:
+        full = train(disk / "run")
+        assert full.returncode == 2, full.stderr[-2000:]
+        assert "Traceback" not in full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert str(disk / "run" / "checkpoints") in last and "No space left on device" in last, last
+        assert "previous checkpoint is intact" in last, last
+        checkpoints = disk / "run" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000001"]
+        shutil.copytree(disk / "run", tmp_path / "moved")
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+    (tmp_path / "moved" / ".abs-fast-lock").unlink(missing_ok=True)
+    resumed = train(tmp_path / "moved", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    straight = train(tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    for name in ("attacker", "defender"):
+        assert (tmp_path / "moved" / name / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "straight" / name / "adapter_model.safetensors").read_bytes(), name

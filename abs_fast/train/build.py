@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from abs_fast.game import HeuristicJudge, Judge, WildGuardJudge
+from abs_fast.io import shorten
 from abs_fast.train.config import TrainConfig
 
 __all__ = ["BASE_INFO_KEYS", "adapter_base_info", "check_before_loading", "load_judge", "load_policy_for",
@@ -36,7 +37,12 @@ def load_tokenizer_for(config: TrainConfig):
         if not (Path(source) / "tokenizer_config.json").is_file() and not (Path(source) / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json); set "
                                     "tokenizer=DIR, or tokenizer=qwen2.5 for the offline Qwen2.5 tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        except (ValueError, OSError, TypeError, KeyError) as err:  # a truncated or foreign file: name it
+            files = [name for name in ("tokenizer.json", "tokenizer_config.json") if (Path(source) / name).is_file()]
+            raise ValueError(f"{source}: its tokenizer files ({', '.join(files)}) cannot be loaded: "
+                             f"{shorten(str(err))}; copy them again from the checkpoint's source") from err
     if config.chat_template and config.chat_template != tokenizer.chat_template:
         tokenizer = copy.copy(tokenizer)  # the offline Qwen2.5 tokenizer is shared (cached): never changed in place
         tokenizer.chat_template = config.chat_template
