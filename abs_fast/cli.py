@@ -24,12 +24,24 @@ def _train_presets():
 def _info(args: argparse.Namespace) -> int:
     from abs_fast.info import environment_report, format_report
 
-    report = environment_report()
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    def run():
+        report = environment_report()
+        text = None if args.json else format_report(report)
+        if args.model is not None:  # the checkpoint, from its files (no weights read)
+            from abs_fast.train import TrainConfig
+            from abs_fast.train.build import checkpoint_header, describe_checkpoint, load_tokenizer_for
+
+            config = TrainConfig(model=args.model, tokenizer=args.tokenizer or "")
+            report["checkpoint"] = describe_checkpoint(config, load_tokenizer_for(config))
+            text = None if args.json else f"{text}\n{checkpoint_header(report['checkpoint'])}"
+        print(json.dumps(report, indent=2) if args.json else text)
+        return 0
+
+    return _guarded("info", run)
 
 
 def _train_config(args: argparse.Namespace):
+    from abs_fast.model import PRESETS
     from abs_fast.train import apply_overrides, config_from_file, preset_config
 
     if getattr(args, "resume", False) and args.preset is None and args.config is None:
@@ -42,6 +54,8 @@ def _train_config(args: argparse.Namespace):
         config = config_from_file(saved)
     elif args.config is not None:
         config = config_from_file(args.config)
+    elif args.preset is None and args.model is not None and args.model not in PRESETS:
+        config = _derived_config(args)  # a real checkpoint without a preset: settings that fit it
     else:
         config = preset_config(args.preset or "tiny")
     if args.model is not None:
@@ -49,6 +63,24 @@ def _train_config(args: argparse.Namespace):
     if getattr(args, "output", None) is not None:
         config = apply_overrides(config, {"output": args.output}, where="--output")
     return apply_overrides(config, args.set or [])
+
+
+def _derived_config(args: argparse.Namespace):
+    """The paper's recipe scaled to the checkpoint in --model and the device (--set device=..., or
+    plan's --device / --gpu-memory); printed, and every --set still wins."""
+    from abs_fast.train import TrainConfig, apply_overrides
+    from abs_fast.train.defaults import derive_settings
+    from abs_fast.train.plan import parse_gib
+
+    probe = apply_overrides(TrainConfig(model=args.model, output="runs/abs"), args.set or [])
+    gib = parse_gib(args.gpu_memory) if getattr(args, "gpu_memory", None) is not None else None
+    device = probe.device
+    if hasattr(args, "gpu_memory"):  # plan: its own --device, else CUDA unless the config says cpu (as plan_memory)
+        device = args.device or ("cpu" if probe.device == "cpu" else "cuda")
+    derived = derive_settings(probe, device=device, gpu_memory_gb=gib)
+    for line in derived.describe():
+        logging.getLogger("abs_fast").info("%s", line)
+    return apply_overrides(TrainConfig(model=args.model, output="runs/abs"), derived.values, where="derived settings")
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -244,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = commands.add_parser("info", help="versions, devices and which backend each op uses (paste into bug reports)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--model", metavar="DIR", help="also describe this checkpoint: architecture, size, tied "
+                      "embeddings, GQA ratio, chat template source, stop ids (reads no weights)")
+    info.add_argument("--tokenizer", metavar="DIR", help="the tokenizer to describe it with (default: the model's)")
     info.set_defaults(run=_info)
 
     train = commands.add_parser("train", help="train attacker and defender adapters by self-play (ABS)",

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from abs_fast.io import open_safetensors, read_text
+from abs_fast.io import open_safetensors, read_text, shorten
 from abs_fast.model.adapters import CONFIG_NAME, load_peft_adapter, save_peft_adapter
 from abs_fast.model.attention import Documents, PackedBatch
 from abs_fast.model.lora import MultiLoRALinear
@@ -211,6 +211,38 @@ def _read_hf_config(path_or_preset: str | Path):
     except Exception as err:  # transformers raises many types; name the file either way
         raise ValueError(f"{config_file}: transformers cannot read it as a {model_type!r} config: {err}") from err
     return config, path, str(path)
+
+
+def generation_eos_ids(directory: Path | None) -> tuple[int, ...]:
+    """Every eos id of the checkpoint's generation_config.json (Llama-3 style lists several end-of-turn
+    tokens there, config.json often only one); () without the file or the field."""
+    if directory is None or not (directory / "generation_config.json").exists():
+        return ()
+    path = directory / "generation_config.json"
+    try:
+        raw = json.loads(read_text(path, "generation config"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: line {err.lineno}: not valid JSON ({err.msg})") from None
+    eos = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{path}: eos_token_id must be a token id or a list of them, got {shorten(eos)}")
+    return tuple(dict.fromkeys(ids))
+
+
+def with_generation_eos(arch: ArchConfig, directory: Path | None) -> ArchConfig:
+    """arch with the stop ids a checkpoint generates with: generation_config.json's eos ids when it
+    lists any, else config.json's (the tokenizer's eos is the last resort, in stop_token_ids)."""
+    ids = generation_eos_ids(directory)
+    return dataclasses.replace(arch, eos_token_ids=ids, eos_source="generation_config.json") if ids else arch
+
+
+def read_arch_config(path_or_preset: str | Path) -> tuple[object, Path | None, ArchConfig]:
+    """(transformers config, directory or None for a preset, ArchConfig with its stop ids) without
+    reading any weights."""
+    hf_config, directory, source_name = _read_hf_config(path_or_preset)
+    where = f"{directory / 'config.json'}" if directory is not None else f"preset {source_name!r}"
+    return hf_config, directory, with_generation_eos(ArchConfig.from_hf(hf_config, where), directory)
 
 
 def resolve_target_modules(target_modules: str | Sequence[str]) -> tuple[str, ...]:
@@ -411,7 +443,7 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     targets = resolve_target_modules(target_modules)
     hf_config, directory, source_name = _read_hf_config(path_or_preset)
     where = f"{directory / 'config.json'}" if directory is not None else f"preset {source_name!r}"
-    arch = ArchConfig.from_hf(hf_config, where)
+    arch = with_generation_eos(ArchConfig.from_hf(hf_config, where), directory)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 

@@ -57,6 +57,7 @@ class ArchConfig:
     tie_word_embeddings: bool
     sliding_window: tuple[int | None, ...]  # per layer; None = full attention
     eos_token_ids: tuple[int, ...]
+    eos_source: str = "config.json"  # where eos_token_ids came from (generation_config.json first)
 
     @classmethod
     def from_hf(cls, config, where: str = "config.json") -> ArchConfig:
@@ -90,7 +91,8 @@ class ArchConfig:
         eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
         return cls(model_type, config.vocab_size, config.hidden_size, config.intermediate_size, layers, heads,
                    kv_heads, head_dim, config.rms_norm_eps, qkv_bias, o_bias, mlp_bias,
-                   bool(getattr(config, "tie_word_embeddings", False)), windows, eos_ids)
+                   bool(getattr(config, "tie_word_embeddings", False)), windows, eos_ids,
+                   "config.json" if eos_ids else "")
 
     def kv_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         return KVCache(self.num_layers, rows, self.num_kv_heads, max_len, self.head_dim, device, dtype)

@@ -4,6 +4,7 @@ cross-play and exploitability runs, so all of them load a model the same way).""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import shlex
@@ -47,6 +48,59 @@ def load_tokenizer_for(config: TrainConfig):
         tokenizer = copy.copy(tokenizer)  # the offline Qwen2.5 tokenizer is shared (cached): never changed in place
         tokenizer.chat_template = config.chat_template
     return tokenizer
+
+
+def chat_template_source(config: TrainConfig, tokenizer) -> str:
+    """Where the chat template the game's prompts use comes from."""
+    from abs_fast.model import PRESETS
+
+    if config.chat_template:
+        return "the chat_template setting"
+    source = config.tokenizer or config.model
+    if source in PRESETS or source == "qwen2.5":
+        return "the offline Qwen2.5 tokenizer"
+    directory = Path(source)
+    if (directory / "chat_template.jinja").is_file():
+        return str(directory / "chat_template.jinja")
+    try:
+        if "chat_template" in json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")):
+            return str(directory / "tokenizer_config.json")
+    except (OSError, ValueError):
+        pass
+    return "the tokenizer" if tokenizer.chat_template else "none (set chat_template=...)"
+
+
+def describe_checkpoint(config: TrainConfig, tokenizer, arch=None) -> dict:
+    """What a run header and `abs-fast info --model` say about a checkpoint: architecture, size, tied
+    embeddings, attention grouping, the chat template's source and the stop ids with their source.
+    arch: the loaded policy's ArchConfig (default: read from config.json, no weights)."""
+    from abs_fast.model.policy import read_arch_config
+    from abs_fast.train.defaults import parameter_count
+    from abs_fast.train.plan import ModelShape
+
+    if arch is None:
+        arch = read_arch_config(config.model)[2]
+    shape = ModelShape(arch.vocab_size, arch.hidden_size, arch.intermediate_size, arch.num_layers, arch.num_heads,
+                       arch.num_kv_heads, arch.head_dim, arch.tie_word_embeddings)
+    stops, stop_source = checkpoint_stop_ids(arch, tokenizer)
+    return {"model": config.model, "architecture": arch.model_type, "parameters": parameter_count(shape),
+            "layers": arch.num_layers, "tied_embeddings": arch.tie_word_embeddings,
+            "query_heads": arch.num_heads, "kv_heads": arch.num_kv_heads,
+            "gqa_ratio": arch.num_heads // arch.num_kv_heads,
+            "chat_template": chat_template_source(config, tokenizer),
+            "stop_ids": list(stops), "stop_tokens": [tokenizer.convert_ids_to_tokens(i) for i in stops],
+            "stop_source": stop_source}
+
+
+def checkpoint_header(info: dict) -> str:
+    """describe_checkpoint's dict as one line."""
+    ratio = info["gqa_ratio"]
+    attention = "multi-head attention" if ratio == 1 else f"GQA {ratio}:1"
+    stops = ", ".join(f"{i} {t}" for i, t in zip(info["stop_ids"], info["stop_tokens"], strict=True))
+    return (f"checkpoint {info['model']}: {info['architecture']}, {info['parameters'] / 1e9:.2f}B parameters, "
+            f"{info['layers']} layers, {'tied' if info['tied_embeddings'] else 'untied'} embeddings, {attention} "
+            f"({info['query_heads']} query / {info['kv_heads']} KV heads); chat template from {info['chat_template']}; "
+            f"stop ids {stops} (from {info['stop_source']})")
 
 
 # the keys of a TrainConfig that say what a trained adapter runs on (saved beside it, read by eval_config)
@@ -142,8 +196,19 @@ def load_judge(config: TrainConfig, device: str | None = None) -> Judge:
 
 
 def stop_token_ids(tokenizer, policy) -> tuple[int, ...]:
-    """Ids that end a turn: the tokenizer's EOS and the model's generation_config EOS ids."""
-    return tuple(sorted(i for i in {tokenizer.eos_token_id, *policy.config.eos_token_ids} if i is not None))
+    """Ids that end a turn: the checkpoint's (generation_config.json's eos ids, else config.json's), else
+    the tokenizer's eos."""
+    return checkpoint_stop_ids(policy.config, tokenizer)[0]
+
+
+def checkpoint_stop_ids(arch, tokenizer) -> tuple[tuple[int, ...], str]:
+    """(stop ids, where they came from) for a model's ArchConfig and its tokenizer."""
+    if arch.eos_token_ids:
+        return tuple(arch.eos_token_ids), arch.eos_source
+    if tokenizer.eos_token_id is not None:
+        return (int(tokenizer.eos_token_id),), "the tokenizer's eos_token"
+    raise ValueError("the checkpoint names no end-of-turn token (no eos_token_id in generation_config.json or "
+                     "config.json, no eos_token in the tokenizer): generation could never stop")
 
 
 def sglang_engine_for(config: TrainConfig, tokenizer, adapters: Sequence[str], log_path: str | Path, rank: int = 0,

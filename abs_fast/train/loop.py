@@ -36,6 +36,8 @@ from abs_fast.rollout import EmbeddedEngine, RolloutRequest, SamplingParams
 from abs_fast.train.build import (
     adapter_base_info,
     check_before_loading,
+    checkpoint_header,
+    describe_checkpoint,
     load_judge,
     load_policy_for,
     load_tokenizer_for,
@@ -163,6 +165,8 @@ class Trainer:
         self.trained_adapters = tuple(dict.fromkeys(self.adapters[role] for role in self.trained_roles))
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_for(config)
         self.base_info = adapter_base_info(config, self.tokenizer)  # saved beside every adapter
+        if self.collective.is_main:  # the run header: what the checkpoint is, read from its files
+            logger.info("%s", checkpoint_header(describe_checkpoint(config, self.tokenizer)))
         self._check_prompt_budget(seeds)
         self._claim_run_directory()
         self.engine = None
