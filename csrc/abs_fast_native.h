@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define ABS_FAST_NATIVE_ABI 1
+#define ABS_FAST_NATIVE_ABI 2
 #define ABS_FAST_MAX_ROWS 16
 
 // Errors (negative returns)
@@ -35,6 +35,10 @@ int abs_fast_abi_version(void);
 int abs_fast_cpu_best_isa(void);                 // what ABS_FAST_ISA_AUTO picks on this CPU
 int abs_fast_cpu_isa_supported(int isa);          // 1 if this build and CPU can run `isa`
 int abs_fast_cpu_max_threads(void);               // 1 when built without OpenMP
+// threads a call of this size uses out of num_threads: 1 (no parallel region opens) below the minimum
+// work per thread, which a loaded core would turn into waiting
+int abs_fast_cpu_threads_for(int64_t rows, int64_t in_features, int64_t out_features, int num_threads);
+long long abs_fast_cpu_parallel_regions(void);    // parallel regions opened by abs_fast_nf4_lora_cpu so far
 
 int abs_fast_nf4_lora_cpu(
     const float* x, int64_t rows, int64_t in_features,

@@ -6,11 +6,13 @@
 //   AVX-512F  16 NF4 codes per vpermps from a table held in one register
 //   AVX2+FMA  8 codes per step, two 8-entry table halves blended on bit 3 of the code
 //   scalar    any shape and alignment (also the fallback when K % 32 != 0 or blocksize < 32)
-// Output rows are split across OpenMP threads. The dequantised weight value is code * scale in fp32,
+// Output rows are split across OpenMP threads, in one parallel region per call and only above a
+// minimum amount of work per thread (below it the call never wakes another thread). The dequantised weight value is code * scale in fp32,
 // bit-identical to bitsandbytes' dequantisation (built with -ffp-contract=off for the scale).
 #include "abs_fast_native.h"
 
 #include <algorithm>
+#include <atomic>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -193,16 +195,46 @@ constexpr RowsFn pick_rows(int64_t rows, std::integer_sequence<int, Rows...>) {
   return table[rows - 1];
 }
 
+// Work below which a call runs on the calling thread alone, in weight elements x (rows + 2) (decoding a
+// weight costs about two rows' multiply-adds): waking a second thread, or waiting at the join for one
+// the OS has descheduled because another process holds its core, costs more than the work. 2^22 is
+// about 0.5 ms of AVX2 work on one core; a 576 x 576 projection at 4 rows (2.0M) stays on one thread.
+constexpr int64_t kMinWorkPerThread = int64_t{1} << 22;
+
+std::atomic<long long> g_parallel_regions{0};
+
+int threads_for(int64_t rows, int64_t in_features, int64_t out_features, int num_threads) {
+  if (num_threads < 2 || rows < 1) return 1;
+  const int64_t work = out_features * in_features * (rows + 2);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, work / kMinWorkPerThread)));
+}
+
+// The whole call: split x for the vector kernels, shrink through the LoRA A, then the product. Called
+// inside one parallel region (the `omp for` loops share its threads and wait at their ends) or, below
+// the work threshold, on the calling thread alone (each `omp for` then runs whole, serially).
 template <class Isa>
-void run(const Problem& p, int num_threads) {
-  // the vector kernels read 32-element chunks that start a row and never straddle a block
-  const bool aligned = p.K % 32 == 0 && p.blocksize >= 32;
-  RowsFn rows_fn = &Scalar::rows;
-  if constexpr (!std::is_same<Isa, Scalar>::value) {
-    if (aligned) rows_fn = pick_rows<Isa>(p.T, std::make_integer_sequence<int, ABS_FAST_MAX_ROWS>{});
+void compute(const Problem& p, RowsFn rows_fn, float* x_split, const float* lora_a, const float* scaling,
+             float* shrunk) {
+  const int64_t N = p.N, T = p.T, K = p.K, R = p.R;
+  if (x_split) {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < T * K / 32; ++c) {
+      const int64_t i = c * 32;
+      for (int e = 0; e < 16; ++e) {
+        x_split[i + e] = p.x[i + 2 * e];
+        x_split[i + 16 + e] = p.x[i + 2 * e + 1];
+      }
+    }
   }
-  const int64_t N = p.N, T = p.T, R = p.R;
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+  if (shrunk) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < T * R; ++i) {
+      const int64_t t = i / R, j = i % R;
+      const int32_t a = p.adapter_ids[t];
+      shrunk[i] = a < 0 ? 0.0f : scaling[a] * Isa::dot(p.x + t * K, lora_a + (a * R + j) * K, K);
+    }
+  }
+#pragma omp for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     float result[ABS_FAST_MAX_ROWS];
     rows_fn(p, n, result);
@@ -213,17 +245,6 @@ void run(const Problem& p, int num_threads) {
       if (p.shrunk && a >= 0) y += Isa::dot(p.shrunk + t * R, p.lora_b + (a * N + n) * R, R);
       p.out[t * N + n] = y;
     }
-  }
-}
-
-template <class Isa>
-void shrink(const float* x, int64_t T, int64_t K, const float* lora_a, const float* scaling, int64_t R,
-            const int32_t* adapter_ids, float* shrunk, int num_threads) {
-#pragma omp parallel for schedule(static) num_threads(num_threads)
-  for (int64_t i = 0; i < T * R; ++i) {
-    const int64_t t = i / R, j = i % R;
-    const int32_t a = adapter_ids[t];
-    shrunk[i] = a < 0 ? 0.0f : scaling[a] * Isa::dot(x + t * K, lora_a + (a * R + j) * K, K);
   }
 }
 
@@ -238,25 +259,27 @@ bool cpu_has(int isa) {
 
 template <class Isa>
 int dispatch(Problem& p, const float* lora_a, const float* scaling, int64_t n_adapters, int num_threads) {
-  p.shrunk = nullptr;
-  std::vector<float> x_split;
-  if (!std::is_same<Isa, Scalar>::value && p.K % 32 == 0) {
-    x_split.resize(static_cast<size_t>(p.T * p.K));
-    for (int64_t i = 0; i < p.T * p.K; i += 32) {
-      for (int e = 0; e < 16; ++e) {
-        x_split[i + e] = p.x[i + 2 * e];
-        x_split[i + 16 + e] = p.x[i + 2 * e + 1];
-      }
-    }
-    p.x_split = x_split.data();
+  // the vector kernels read 32-element chunks that start a row and never straddle a block
+  const bool vector = !std::is_same<Isa, Scalar>::value && p.K % 32 == 0;
+  RowsFn rows_fn = &Scalar::rows;
+  if constexpr (!std::is_same<Isa, Scalar>::value) {
+    if (vector && p.blocksize >= 32) rows_fn = pick_rows<Isa>(p.T, std::make_integer_sequence<int, ABS_FAST_MAX_ROWS>{});
   }
-  std::vector<float> shrunk;
-  if (lora_a && n_adapters > 0 && p.R > 0 && p.adapter_ids) {
-    shrunk.resize(static_cast<size_t>(p.T * p.R));
-    shrink<Isa>(p.x, p.T, p.K, lora_a, scaling, p.R, p.adapter_ids, shrunk.data(), num_threads);
-    p.shrunk = shrunk.data();
+  std::vector<float> x_split(vector ? static_cast<size_t>(p.T * p.K) : 0);
+  p.x_split = vector ? x_split.data() : nullptr;
+  const bool lora = lora_a && n_adapters > 0 && p.R > 0 && p.adapter_ids;
+  std::vector<float> shrunk(lora ? static_cast<size_t>(p.T * p.R) : 0);
+  p.shrunk = lora ? shrunk.data() : nullptr;
+  float* x_split_out = vector ? x_split.data() : nullptr;
+  float* shrunk_out = lora ? shrunk.data() : nullptr;
+  const int threads = threads_for(p.T, p.K, p.N, num_threads);
+  if (threads > 1) {
+    g_parallel_regions.fetch_add(1, std::memory_order_relaxed);
+#pragma omp parallel num_threads(threads)
+    compute<Isa>(p, rows_fn, x_split_out, lora_a, scaling, shrunk_out);
+  } else {
+    compute<Isa>(p, rows_fn, x_split_out, lora_a, scaling, shrunk_out);
   }
-  run<Isa>(p, num_threads);
   return ABS_FAST_OK;
 }
 
@@ -279,6 +302,23 @@ int abs_fast_cpu_max_threads(void) {
   return omp_get_max_threads();
 #else
   return 1;
+#endif
+}
+
+int abs_fast_cpu_threads_for(int64_t rows, int64_t in_features, int64_t out_features, int num_threads) {
+#ifdef _OPENMP
+  return threads_for(rows, in_features, out_features, num_threads);
+#else
+  (void)rows, (void)in_features, (void)out_features, (void)num_threads;
+  return 1;
+#endif
+}
+
+long long abs_fast_cpu_parallel_regions(void) {
+#ifdef _OPENMP
+  return g_parallel_regions.load(std::memory_order_relaxed);
+#else
+  return 0;
 #endif
 }
 

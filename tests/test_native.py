@@ -83,6 +83,35 @@ def test_cpu_op_matches_float64(shape, isa, blocksize, double_quant, rng_seed):
         assert_close_rel(got, float64_reference(*problem), FP32_REL, f"{isa}, {threads} threads, {shape}")
 
 
+def test_below_the_work_threshold_no_parallel_region_opens(rng_seed):
+    """A small call (the 576-wide projections of a small model at 4 rows) runs on the calling thread:
+    no parallel region opens, whatever num_threads. A large one opens exactly one region (shrink,
+    split and product share it) and gives the single-threaded result bit for bit."""
+    lib = _cpu_lib()
+    if lib.abs_fast_cpu_max_threads() == 1 and lib.abs_fast_cpu_threads_for(16, 4096, 4096, 2) == 1:
+        pytest.skip("built without OpenMP: every call runs on one thread")
+    gen = torch.Generator().manual_seed(rng_seed)
+    assert lib.abs_fast_cpu_threads_for(4, 576, 576, 2) == 1
+    assert lib.abs_fast_cpu_threads_for(4, 576, 1536, 16) == 1
+    assert lib.abs_fast_cpu_threads_for(1, 3584, 18944, 16) == 16
+    assert lib.abs_fast_cpu_threads_for(0, 3584, 18944, 16) == 1
+    small = make_problem(4, 576, 576, 2, 16, gen)
+    before = lib.abs_fast_cpu_parallel_regions()
+    for threads in (2, 8):
+        nf4_lora_native(*small, num_threads=threads)
+    assert lib.abs_fast_cpu_parallel_regions() == before
+    for isa in supported_isas():
+        for K in (1024, 1000):  # the vector path, and the scalar path (K % 32 != 0)
+            large = make_problem(16, K, 512, 2, 16, gen)
+            assert lib.abs_fast_cpu_threads_for(16, K, 512, 2) == 2
+            one = nf4_lora_native(*large, isa=isa, num_threads=1)
+            before = lib.abs_fast_cpu_parallel_regions()
+            two = nf4_lora_native(*large, isa=isa, num_threads=2)
+            assert lib.abs_fast_cpu_parallel_regions() == before + 1, f"{isa}, K={K}: not one region per call"
+            assert torch.equal(one, two), f"{isa}, K={K}"
+            assert_close_rel(two, float64_reference(*large), FP32_REL, f"{isa}, K={K}, 2 threads")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_op_16bit_inputs(dtype, rng_seed):
     """16-bit activations are widened to fp32 for the product and the result rounded once."""
@@ -232,3 +261,21 @@ def test_a_native_failure_falls_back_to_triton_once_with_one_warning(rng_seed, m
     assert calls == [1], "the failed library was called again"
     warnings = [r.getMessage() for r in caplog.records if "native NF4 library failed" in r.getMessage()]
     assert len(warnings) == 1 and "Triton serves" in warnings[0], warnings
+
+
+@pytest.mark.parametrize(("env", "torch_first", "want"), [
+    ({}, False, "PASSIVE"), ({"OMP_WAIT_POLICY": "active"}, False, "active"), ({"GOMP_SPINCOUNT": "1000"}, False, None),
+    ({}, True, None)], ids=["default", "user-policy", "user-spincount", "torch-already-loaded"])
+def test_the_command_line_sets_a_passive_openmp_wait_policy_before_torch_loads(env, torch_first, want):
+    """OpenMP threads must not spin on a loaded CPU: `abs-fast` sets OMP_WAIT_POLICY=PASSIVE before
+    torch loads OpenMP, unless the user chose a policy (or torch is already loaded: too late to matter)."""
+    import sys
+
+    code = ("import os, sys\n" + ("import torch\n" if torch_first else "") +
+            "import abs_fast.cli as cli\n"
+            "cli.set_thread_wait_default()\nprint(os.environ.get('OMP_WAIT_POLICY'))\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(want), out.stdout
