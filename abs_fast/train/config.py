@@ -17,9 +17,19 @@ from typing import Literal, get_args, get_origin
 
 from abs_fast.io import check_text, read_text, shorten
 
-__all__ = ["INT_RANGES", "MODES", "RESUME_FIXED", "TRAIN_PRESETS", "TrainConfig", "apply_overrides", "check_resume",
-           "config_from_file", "preset_config",
-           "role_adapters"]
+__all__ = [
+    "INT_RANGES",
+    "MODES",
+    "RESUME_FIXED",
+    "TRAIN_PRESETS",
+    "TrainConfig",
+    "WarmstartSettings",
+    "apply_overrides",
+    "check_resume",
+    "config_from_file",
+    "preset_config",
+    "role_adapters",
+]
 
 MODES = ("bipolicy", "shared", "defender-only", "attacker-only")
 
@@ -226,6 +236,42 @@ TRAIN_PRESETS: dict[str, dict] = {
                           engine_max_batch=32, attacker_max_new_tokens=384, defender_max_new_tokens=384,
                           judge_max_batch=16, gradient_checkpointing=True, output="runs/consumer-24gb"),
 }
+
+
+@dataclass(frozen=True)
+class WarmstartSettings:
+    """The warm start's knobs (README, "Format warm start")."""
+
+    steps: int = 150  # supervised optimizer steps
+    batch_size: int = 8  # turns per step
+    lr: float = 2e-4
+    rank: int = 16
+    alpha: float = 32.0
+    turn_tokens: int = 256  # a turn's length: the reasoning and the answer each get a little under half
+    examples: int = 128  # assembled turns (half per role)
+    eval_seeds: int = 8  # held-out seeds: one attacker and one defender prompt each
+    eval_samples: int = 4  # sampled turns per held-out prompt, for the validity figures
+    temperature: float = 1.0  # the game's sampling, for the measurements and the rejection sampling
+    data_temperature: float = 0.7  # the assembled turns' replies: the model's likelier text, less noise
+    engine_max_batch: int = 32
+    max_prompt_tokens: int = 1024
+    seeds: tuple[str, ...] = ("builtin",)
+    quantize: str = "nf4"  # the base while the adapter trains (the merge uses the checkpoint's own weights)
+    device: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> WarmstartSettings:
+        for name in ("steps", "batch_size", "rank", "examples", "eval_seeds", "eval_samples", "engine_max_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.turn_tokens < 24:
+            raise ValueError(f"--turn-tokens must be >= 24 (the tags alone take about 12), got {self.turn_tokens}")
+        if not 0 < self.lr <= 1e-1:
+            raise ValueError(f"--lr must be in (0, 0.1], got {self.lr}")
+        if self.quantize not in ("nf4", "none"):
+            raise ValueError(f"--quantize must be nf4 or none, got {self.quantize!r}")
+        return self
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = typing.get_type_hints(TrainConfig)

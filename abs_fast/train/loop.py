@@ -50,6 +50,7 @@ from abs_fast.train.distributed import init_distributed
 from abs_fast.train.games import Game, deal_games, game_metrics, score_games
 from abs_fast.train.metrics import MetricsLog
 from abs_fast.train.update import Sample, UpdateSettings, policy_update
+from abs_fast.train.warmstart import read_warmstart_record
 
 __all__ = ["NonFiniteTrainingError", "Trainer", "TrainingInterrupted"]
 
@@ -105,6 +106,9 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, run_dir: Path, checkpoint: Path | None, exit_code: int = 130):
         super().__init__(f"interrupted at step {step}")
         self.step, self.run_dir, self.checkpoint, self.exit_code = step, run_dir, checkpoint, exit_code
+
+
+BASE_VALIDITY_WARNING = 0.10  # the share of turns in the format under which train suggests the warm start
 
 
 class Trainer:
@@ -167,6 +171,12 @@ class Trainer:
         self.base_info = adapter_base_info(config, self.tokenizer)  # saved beside every adapter
         if self.collective.is_main:  # the run header: what the checkpoint is, read from its files
             logger.info("%s", checkpoint_header(describe_checkpoint(config, self.tokenizer)))
+            warm = read_warmstart_record(config.model)
+            if warm is not None:
+                before, after = warm.get("validity_before", {}), warm.get("validity_after", {})
+                logger.info("warm-started from %s: format validity %s", warm.get("source"), ", ".join(
+                    f"{role} {before.get(role, float('nan')):.0%} -> {after.get(role, float('nan')):.0%}"
+                    for role in ROLES))
         self._check_prompt_budget(seeds)
         self._claim_run_directory()
         self.engine = None
@@ -375,6 +385,8 @@ class Trainer:
             self._push_adapters(self.trained_adapters)
         self.step += 1
         record = self._record(games, samples, update, diagnostics, clock, generated_tokens)
+        if self.step == 1 and self.collective.is_main:
+            self._warn_if_the_base_cannot_play(record)
         bad = update.get("nonfinite_skipped", 0) + update.get("nonfinite_rolled_back", 0)
         self.nonfinite_streak = self.nonfinite_streak + 1 if bad and not update.get("optimizer_steps") else 0
         if self.nonfinite_streak >= self.config.max_nonfinite_steps:
@@ -386,6 +398,21 @@ class Trainer:
         if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
             self.save()
         return record
+
+    def _warn_if_the_base_cannot_play(self, record: dict) -> None:
+        """Step 1's turns came from fresh adapters (B = 0), which is the base itself: its format validity,
+        measured before any update. Under 10% every reward is mostly the format penalty, which self-play
+        learns little from; the format warm start is the fix."""
+        validity = {role: 1.0 - record[f"format_violation/{role}"] for role in ROLES
+                    if record.get(f"format_violation/{role}") is not None}
+        low = {role: v for role, v in validity.items() if v < BASE_VALIDITY_WARNING}
+        if low:
+            shown = ", ".join(f"{role} {v:.0%}" for role, v in validity.items())
+            logger.warning("step 0: the base writes the game's <think>/<answer> format in %s of its turns (measured "
+                           "on step 1's games, before any update); under %.0f%%, the format penalty is nearly every "
+                           "reward and self-play learns little. Warm-start the base first: `abs-fast warmstart "
+                           "--model %s --output DIR`, then train --model DIR (README, 'Format warm start').", shown,
+                           100 * BASE_VALIDITY_WARNING, self.config.model)
 
     def _deal(self) -> list[Game]:
         """This step's games (the same on every rank) and this rank's share of them: whole seeds, with
