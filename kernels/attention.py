@@ -1,6 +1,6 @@
 """Triton decode attention over a per-row KV cache, GQA without copies (flash-decoding).
 
-One program per (row, KV head, key split): it loads the G query heads of the group once ([G, D]),
+One program per (row, KV head, key split): it loads the G query heads of the group once ([D, G]),
 streams the group's keys and values of its split from the cache in place, and keeps an online softmax
 (running max, sum and weighted values). Each split writes its normalised partial output and its
 log-sum-exp; the caller combines the splits. Row lengths are read from device memory, so a decode
@@ -30,7 +30,12 @@ def decode_attention_kernel(
     """out[b, h, split] = softmax-weighted values of this split's keys (normalised within the split),
     lse[b, h, split] = log of the split's softmax denominator (-inf for an empty split).
     HEAD_DIM is a power of two (>= 16): key and value tiles need only a row mask, which keeps the
-    loop's loads pipelined."""
+    loop's loads pipelined.
+
+    Both products are computed transposed, keys on the MMA's M side: scores^T = K q^T is
+    [BLOCK_N, HEAD_DIM] x [HEAD_DIM, BLOCK_G] and out^T = V^T P^T is [HEAD_DIM, BLOCK_N] x
+    [BLOCK_N, BLOCK_G]. The query heads of a group are then the N side, whose MMA granularity is 8:
+    a group of 7 or 5 heads pads to 8 columns, where as the M side it would pad to 16 rows."""
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -47,37 +52,38 @@ def decode_attention_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_mask[:, None], other=0.0)
+    q_t = tl.trans(q)  # [HEAD_DIM, BLOCK_G]
 
     k_base = k_ptr + row * stride_kb + kv_head * stride_kh
     v_base = v_ptr + row * stride_vb + kv_head * stride_vh
     running_max = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, HEAD_DIM), dtype=tl.float32)
+    acc_t = tl.zeros((HEAD_DIM, BLOCK_G), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         n_mask = offs_n < hi
         k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd, mask=n_mask[:, None],
                     other=0.0)
         if IEEE:
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            scores_t = tl.dot(k, q_t, input_precision="ieee")
         else:
-            scores = tl.dot(q, tl.trans(k))
-        scores = tl.where(n_mask[None, :], scores * scale, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        probs = tl.exp(scores - new_max[:, None])
+            scores_t = tl.dot(k, q_t)
+        scores_t = tl.where(n_mask[:, None], scores_t * scale, float("-inf"))  # [BLOCK_N, BLOCK_G]
+        new_max = tl.maximum(running_max, tl.max(scores_t, axis=0))
+        probs_t = tl.exp(scores_t - new_max[None, :])
         correction = tl.exp(running_max - new_max)
-        running_sum = running_sum * correction + tl.sum(probs, axis=1)
+        running_sum = running_sum * correction + tl.sum(probs_t, axis=0)
         v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_d[None, :] * stride_vd, mask=n_mask[:, None],
-                    other=0.0)
+                    other=0.0)  # [BLOCK_N, HEAD_DIM], rows contiguous: asynchronous copies stay possible
         if IEEE:
-            acc = acc * correction[:, None] + tl.dot(probs, v.to(tl.float32), input_precision="ieee")
+            acc_t = acc_t * correction[None, :] + tl.dot(tl.trans(v.to(tl.float32)), probs_t, input_precision="ieee")
         else:
-            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v)
+            acc_t = acc_t * correction[None, :] + tl.dot(tl.trans(v), probs_t.to(v.dtype))
         running_max = new_max
 
     empty = running_sum == 0.0
-    out = acc / tl.where(empty, 1.0, running_sum)[:, None]
+    out_t = acc_t / tl.where(empty, 1.0, running_sum)[None, :]
     lse = tl.where(empty, float("-inf"), running_max + tl.log(tl.where(empty, 1.0, running_sum)))
-    out_ptrs = out_ptr + row * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, out, mask=g_mask[:, None])
+    out_ptrs = out_ptr + row * stride_ob + heads[None, :] * stride_oh + split * stride_os + offs_d[:, None] * stride_od
+    tl.store(out_ptrs, out_t, mask=g_mask[None, :])
     tl.store(lse_ptr + row * stride_lb + heads * stride_lh + split * stride_ls, lse, mask=g_mask)

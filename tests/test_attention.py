@@ -23,7 +23,7 @@ def reference_backend(monkeypatch):
     monkeypatch.setenv("ABS_FAST_BACKEND", "reference")  # the linear layers; attention is what is tested here
 
 
-def dense_mask_attention(q, k, v, documents: Documents, window, backend=None):
+def dense_mask_attention(q, k, v, documents: Documents, window, backend=None, deterministic=False):
     """What the model computed before packed attention: one [T, T] document-causal (windowed) mask
     and K/V expanded to every query head."""
     T, H, _ = q.shape
@@ -224,6 +224,37 @@ def test_a_varlen_without_enable_gqa_leaves_grouped_heads_to_sdpa(monkeypatch, r
     windowed = packed_attention(q, k, v, docs, 2, "torch-varlen")  # no window_size: SDPA
     assert not calls
     assert_close_rel(windowed, dense_mask_attention(q, k, v, docs, 2), FP32_REL, "window without window_size")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_the_varlen_backward_runs_in_deterministic_mode_when_asked(deterministic, monkeypatch, rng_seed):
+    """ATen's FlashAttention backward reads torch's deterministic mode (it then sums dq without atomics):
+    with deterministic=True that mode is on while the varlen backward runs, and off again after; the
+    gradients are those of the plain call. A stand-in varlen_attn (per-document SDPA) records the mode
+    when its gradient flows."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    docs = Documents.from_lengths([5, 1, 9], "cpu")
+    seen = []
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        out = attention._sdpa_documents(q, k, v, docs.lengths, None, scale)
+        if out.requires_grad:
+            out.register_hook(lambda grad: seen.append(torch.are_deterministic_algorithms_enabled()))
+        return out
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake_varlen)
+    monkeypatch.setattr(attention, "_varlen_parameters", lambda: frozenset({"scale", "window_size", "enable_gqa"}))
+    q, k, v = (torch.randn(15, h, 16, generator=gen, dtype=torch.float64).requires_grad_() for h in (4, 2, 2))
+    grad = torch.randn(15, 4, 16, generator=gen, dtype=torch.float64)
+    grads = []
+    for wrapped in (deterministic, False):
+        out = packed_attention(q, k, v, docs, None, "torch-varlen", deterministic=wrapped)
+        grads.append(torch.autograd.grad(out, (q, k, v), grad))
+    assert seen == [deterministic, False]
+    assert not torch.are_deterministic_algorithms_enabled()
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+    with torch.no_grad():  # no backward to come: the plain call
+        packed_attention(q, k, v, docs, None, "torch-varlen", deterministic=True)
 
 
 @pytest.mark.gpu

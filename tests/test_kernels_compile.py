@@ -151,7 +151,7 @@ COMPILE_SCRIPT = COMPILE_HELPERS + textwrap.dedent(r"""
     decode_attention = compile_kernel(k_attention.decode_attention_kernel,
                                       {"q_ptr": act, "k_ptr": act, "v_ptr": act, "seq_len_ptr": "*i32",
                                        "out_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32"},
-                                      dict(GROUP=7, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=128, IEEE=dtype == "fp32",
+                                      dict(GROUP=7, BLOCK_G=8, BLOCK_N=64, HEAD_DIM=128, IEEE=dtype == "fp32",
                                            stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1),
                                       arch, num_warps=4, num_stages=3)
     for name, kernel in (("fwd", fwd), ("bwd", bwd), ("base_only", base_only), ("nf4_fwd", nf4_fwd),
@@ -220,7 +220,7 @@ SHARED_SCRIPT = COMPILE_HELPERS + textwrap.dedent(r"""
         k_attention.decode_attention_kernel,
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "seq_len_ptr": "*i32", "out_ptr": "*fp32",
          "lse_ptr": "*fp32", "scale": "fp32"},
-        dict(GROUP=8, BLOCK_G=16, BLOCK_N=64, HEAD_DIM=128, IEEE=False, stride_qd=1, stride_kd=1, stride_vd=1,
+        dict(GROUP=8, BLOCK_G=8, BLOCK_N=64, HEAD_DIM=128, IEEE=False, stride_qd=1, stride_kd=1, stride_vd=1,
              stride_od=1), arch, num_warps=4, num_stages=3))
     for act in ("bf16", "fp32"):
         common = {"h_ptr": "*" + act, "w_ptr": "*" + act, "target_ptr": "*i64", "inv_temperature": "fp32"}
@@ -327,3 +327,36 @@ def _check_target(report, target, limit, fused_matmul_configs, fused_matmul_fits
             set(fused_matmul_fits(target, nf4))
     for name, (shared, _) in report["single"].items():
         assert shared <= limit, f"{name}: needs {shared} B of shared memory on sm_{target} ({limit} B)"
+
+
+DOT_SHAPES_SCRIPT = COMPILE_HELPERS + textwrap.dedent(r"""
+    from abs_fast.model.attention import decode_block_g
+
+    arch, out = int(sys.argv[1]), {}
+    for group in (7, 5, 8):
+        kernel = compile_kernel(k_attention.decode_attention_kernel,
+                                {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "seq_len_ptr": "*i32",
+                                 "out_ptr": "*fp32", "lse_ptr": "*fp32", "scale": "fp32"},
+                                dict(GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=64, HEAD_DIM=128, IEEE=False,
+                                     stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1), arch, num_warps=4)
+        dots = [line for line in kernel.asm["ttir"].splitlines() if "tt.dot" in line]
+        out[group] = [re.findall(r"tensor<(\d+)x(\d+)x", line)[:2] for line in dots]
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_decode_attention_puts_keys_on_the_mma_m_side(arch):
+    """Groups of 7 and 5 query heads (Qwen2.5-7B, -14B) are the products' N side, 8 columns wide: the
+    two dots are [64 keys x 128] x [128 x 8] and [128 x 64 keys] x [64 keys x 8], never 16 query rows."""
+    if not _ptxas_available():
+        pytest.skip("triton's CUDA backend (ptxas) is not available")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", DOT_SHAPES_SCRIPT, str(arch)], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    import json
+
+    shapes = json.loads(result.stdout.strip().splitlines()[-1])
+    for group in ("7", "5", "8"):
+        assert shapes[group] == [[["64", "128"], ["128", "8"]], [["128", "64"], ["64", "8"]]], (group, shapes[group])

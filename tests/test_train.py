@@ -653,3 +653,21 @@ def test_demo_warm_start_loss_is_the_full_vocabulary_cross_entropy(rng_seed):
     grads_got = torch.autograd.grad(got, (hidden, rows))
     for g, w in zip(grads_got, grads_want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_two_runs_with_one_seed_are_bitwise_equal_and_resume_is_exact_on_gpu(tmp_path):
+    """deterministic=true (the default) on a GPU: two runs of two steps with one seed write identical
+    adapters, and one step, a resume, then the second step writes them too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpu = ["device=cuda", "checkpoint_every=1", "diagnostics_every=0"]
+    Trainer(_config(tmp_path / "a", "steps=2", *gpu)).train()
+    Trainer(_config(tmp_path / "b", "steps=2", *gpu)).train()
+    Trainer(_config(tmp_path / "c", "steps=1", *gpu)).train()
+    Trainer(_config(tmp_path / "c", "steps=2", *gpu), resume=True).train()
+    for name in ("attacker", "defender"):
+        a = (tmp_path / "a" / name / "adapter_model.safetensors").read_bytes()
+        assert (tmp_path / "b" / name / "adapter_model.safetensors").read_bytes() == a, f"{name}: runs differ"
+        assert (tmp_path / "c" / name / "adapter_model.safetensors").read_bytes() == a, f"{name}: resume differs"

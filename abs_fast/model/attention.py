@@ -22,6 +22,7 @@ triton) override the automatic choice; `abs-fast info` shows what runs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -243,15 +244,56 @@ def _sdpa_documents(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: 
 
 
 def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: Documents, window: int | None,
-                     backend: str) -> torch.Tensor:
-    """Causal attention within each document: q [T, H, D], k/v [T, KVH, D] -> [T, H, D]."""
+                     backend: str, deterministic: bool = False) -> torch.Tensor:
+    """Causal attention within each document: q [T, H, D], k/v [T, KVH, D] -> [T, H, D].
+    deterministic: FlashAttention's backward (torch-varlen) sums dq in a fixed order, not with atomics."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "torch-varlen":
         options = _varlen_options(q.shape[1] != k.shape[1], window)
         if options is not None:
             cu = documents.cu_seqlens
-            return _torch_varlen()(q, k, v, cu, cu, documents.max_len, documents.max_len, scale=scale, **options)
+
+            def attend(q, k, v):
+                return _torch_varlen()(q, k, v, cu, cu, documents.max_len, documents.max_len, scale=scale, **options)
+            if deterministic and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+                return _DeterministicBackward.apply(q, k, v, attend)
+            return attend(q, k, v)
     return _sdpa_documents(q, k, v, documents.lengths, window, scale)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic mode for the ops run inside (restored after, with its warn-only setting)."""
+    mode = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+
+
+class _DeterministicBackward(torch.autograd.Function):
+    """`attend(q, k, v)` whose backward runs in torch's deterministic mode: ATen's FlashAttention
+    backward then accumulates dq without atomics (it reads that mode; nothing else runs inside). The
+    forward keeps its own graph, as a plain call would, and the backward differentiates it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, attend):
+        with torch.enable_grad():
+            inputs = tuple(t.detach().requires_grad_(t.requires_grad) for t in (q, k, v))
+            out = attend(*inputs)
+        ctx.inputs, ctx.out = inputs, out
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs, out = ctx.inputs, ctx.out
+        wanted = [t for t in inputs if t.requires_grad]
+        with deterministic_algorithms():
+            grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        del ctx.inputs, ctx.out
+        return (*(next(grads) if t.requires_grad else None for t in inputs), None)
 
 
 def _varlen_options(gqa: bool, window: int | None) -> dict | None:
@@ -305,6 +347,12 @@ def _decode_splits(max_positions: int, rows: int, kv_heads: int, device: torch.d
     return max(1, min(-(-2 * sms // max(rows * kv_heads, 1)), -(-max_positions // 256), 64))
 
 
+def decode_block_g(group: int) -> int:
+    """Query-head columns of the decode kernel's products for a group of `group` heads: the next power
+    of two, at least 8 (the N granularity of an MMA; the keys are the M side)."""
+    return max(8, 1 << (group - 1).bit_length())
+
+
 def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                    window: int | None, scale: float) -> torch.Tensor:
     from abs_fast.kernels import attention as kernels
@@ -325,7 +373,7 @@ def _decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
         partial.stride(0), partial.stride(1), partial.stride(2), partial.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
-        GROUP=group, BLOCK_G=max(16, 1 << (group - 1).bit_length()), BLOCK_N=block_n, HEAD_DIM=D,
+        GROUP=group, BLOCK_G=decode_block_g(group), BLOCK_N=block_n, HEAD_DIM=D,
         IEEE=q.dtype == torch.float32,
     )
     # combine the splits (an empty split has lse -inf and weight 0)

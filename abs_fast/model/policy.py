@@ -428,7 +428,7 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
                 adapters: Sequence[str] = ("attacker", "defender"), rank: int = 16, alpha: float = 32,
                 target_modules: str | Sequence[str] = "all-linear", device: torch.device | str | None = None,
                 dtype: torch.dtype | None = None, seed: int = 0, blocksize: int = 64, double_quant: bool = True,
-                progress: Callable[[int, int, str], None] | None = None) -> Policy:
+                progress: Callable[[int, int, str], None] | None = None, deterministic: bool = True) -> Policy:
     """Load a Qwen2/Qwen2.5, Llama or Mistral causal LM and give it adapters.
 
     path_or_preset: a local directory (config.json + *.safetensors, sharded or not; never a hub
@@ -436,7 +436,8 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     every target-family linear in NF4 as it is read (the embeddings, norms and head stay in
     `dtype`); None keeps them dense. Defaults: the GPU when there is one, bf16 there and fp32 on CPU.
     A checkpoint saved by transformers from a bitsandbytes 4-bit NF4 model loads its codes as they
-    are (no dequantise / requantise); with quantize=None they are dequantised.
+    are (no dequantise / requantise); with quantize=None they are dequantised. deterministic: the
+    attention backward sums in a fixed order on GPU (FlashAttention without atomics).
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be 'nf4' or None, got {quantize!r}")
@@ -486,7 +487,7 @@ def load_policy(path_or_preset: str | Path, quantize: str | None = "nf4",
     for layer in model.target_layers().values():  # scaling buffers were made on the meta device
         layer.scaling = torch.empty(0, dtype=torch.float32, device=device)
 
-    model.select_kernels()
+    model.select_kernels(deterministic)
     policy = Policy(model, hf_config, source_name, targets, quantize).eval()
     for i, name in enumerate(adapters):
         policy.add_adapter(name, rank, alpha, seed=seed + i)

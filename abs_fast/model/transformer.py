@@ -137,6 +137,7 @@ class Attention(nn.Module):
         self.v_proj = MultiLoRALinear(h, config.num_kv_heads * d, config.qkv_bias, device, dtype)
         self.o_proj = MultiLoRALinear(config.num_heads * d, h, config.o_bias, device, dtype)
         self.kernels, self.attention = "torch", "sdpa"  # set by Transformer.select_kernels
+        self.deterministic = True  # the attention backward sums in a fixed order (Transformer.select_kernels)
 
     def forward(self, x, routing, cos, sin, batch: PackedBatch | DecodeBatch):
         T = x.shape[0]
@@ -157,7 +158,7 @@ class Attention(nn.Module):
                 ck, cv = write.cache.k[self.layer], write.cache.v[self.layer]
                 ck[write.slots, :, write.positions] = k.to(ck.dtype)
                 cv[write.slots, :, write.positions] = v.to(cv.dtype)
-            out = packed_attention(q, k, v, batch.documents, self.window, self.attention)
+            out = packed_attention(q, k, v, batch.documents, self.window, self.attention, self.deterministic)
         return _project(self.o_proj, out.reshape(T, -1), routing)
 
 
@@ -275,9 +276,10 @@ class Transformer(nn.Module):
     def target_layers(self) -> dict[str, MultiLoRALinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MultiLoRALinear)}
 
-    def select_kernels(self) -> dict[str, str]:
+    def select_kernels(self, deterministic: bool = True) -> dict[str, str]:
         """Decide once (after the weights are on their device) which RMSNorm/SwiGLU/RoPE and which
-        packed attention run; returns the choice (shown by `abs-fast info` and the engine)."""
+        packed attention run, and whether the attention backward is deterministic; returns the choice
+        (shown by `abs-fast info` and the engine)."""
         weight = self.model.embed_tokens.weight
         self.kernels = {"layers": layer_kernels(weight.device),
                         "attention": packed_backend(weight.device, weight.dtype)}
@@ -286,6 +288,7 @@ class Transformer(nn.Module):
                 module.kernels = self.kernels["layers"]
             elif isinstance(module, Attention):
                 module.kernels, module.attention = self.kernels["layers"], self.kernels["attention"]
+                module.deterministic = deterministic
         return self.kernels
 
     def forward(self, input_ids: torch.Tensor, routing: AdapterRouting | None, position_ids: torch.Tensor,

@@ -185,7 +185,7 @@ def load_policy_for(config: TrainConfig, adapters: Sequence[str] = (), device: s
     return load_policy(config.model, quantize=None if config.quantize == "none" else config.quantize,
                        adapters=tuple(adapters), rank=config.lora_rank, alpha=config.lora_alpha,
                        target_modules=target_modules_of(config), device=device, dtype=_DTYPES.get(config.dtype),
-                       seed=config.seed)
+                       seed=config.seed, deterministic=config.deterministic)
 
 
 def load_judge(config: TrainConfig, device: str | None = None) -> Judge:

@@ -79,6 +79,9 @@ class TrainConfig:
     lora_alpha: float = 32.0
     target_modules: str = "all-linear"  # or a comma list: q_proj,k_proj,...
     gradient_checkpointing: bool = False
+    # GPU: FlashAttention's backward sums dq in a fixed order, so two runs with one seed give the same
+    # adapters and a resume is exact; false lets it use atomics (faster backward, unmeasured here)
+    deterministic: bool = True
     # game
     mode: Literal["bipolicy", "shared", "defender-only", "attacker-only"] = "bipolicy"
     seeds: list[str] = field(default_factory=lambda: ["builtin"])  # "builtin", PATH, harmful=PATH, benign=PATH
