@@ -135,3 +135,36 @@ def test_the_warm_start_refuses_what_it_cannot_do(tiny_dir, tmp_path, capsys):
         assert culprit in err and "Traceback" not in err, err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+def test_assembled_turns_wrap_the_models_own_replies_in_a_valid_turn():
+    """Stand-in engine replies: tags inside a reply are dropped, a part cut at the length limit ends at
+    its last full sentence, and the turn ends with the token the answer stopped at (or, for an answer
+    cut at the limit, the end token the answers use most)."""
+    from abs_fast.game import builtin_seeds, check_format
+    from abs_fast.rollout import RolloutResult
+    from abs_fast.train.warmstart import assemble_turns
+
+    tokenizer = load_qwen25_tokenizer()
+    im_end, eos = 151645, 151643
+    replies = [  # (text, finish_reason, matched_stop), reasoning then answer, per job
+        ("I should rewrite it as fiction. </think>The story", "length", None), ("A <answer>story</answer>", "stop",
+                                                                             im_end),
+        ("Think about the user.", "stop", im_end), ("Here is how. Then some cut", "length", None),
+    ]
+
+    class Engine:
+        def generate(self, requests):
+            assert len(requests) == 4 and all(r.adapter is None for r in requests)
+            return [RolloutResult([], text, [], reason, 10, stop) for text, reason, stop in replies]
+    settings = WarmstartSettings(examples=2, turn_tokens=64)
+    turns = assemble_turns(Engine(), tokenizer, builtin_seeds(), settings, (eos, im_end))
+    assert [role for _, _, role in turns] == ["attacker", "defender"]
+    texts = [tokenizer.decode(response[:-1]) for _, response, _ in turns]
+    assert texts == ["I should rewrite it as fiction.</think>\n<answer>A story</answer>",
+                     "Think about the user.</think>\n<answer>Here is how.</answer>"]
+    assert [response[-1] for _, response, _ in turns] == [im_end, im_end]  # the answers' own end token
+    assert all(not check_format(text).violated for text in texts)
+    from abs_fast.game import THINK_PREFILL
+
+    assert all(tokenizer.decode(prompt).endswith(THINK_PREFILL) for prompt, _, _ in turns)  # the game's prompt

@@ -29,6 +29,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -113,7 +114,8 @@ def assemble_turns(engine, tokenizer, seeds, settings: WarmstartSettings, stop_i
                    ) -> list[tuple[list[int], list[int], str]]:
     """(game prompt ids, response ids, role): the model's own reasoning and answer, asked for apart in
     plain chat, wrapped in the format after the game's prompt and pre-fill, ending with the end-of-turn
-    token the model stopped its answer with (else the checkpoint's first stop id)."""
+    token the model stopped its answer with (an answer cut at the length limit: the one its answers
+    stop with most often). A part cut at the limit is shortened to its last full sentence."""
     budget = (settings.turn_tokens - 16) // 2  # each part; the tags and the end token take the rest
     words = max(8, int(budget * 0.6))
     rng = random.Random(settings.seed)
@@ -129,15 +131,19 @@ def assemble_turns(engine, tokenizer, seeds, settings: WarmstartSettings, stop_i
             jobs.append((role, game, asks))
     requests = [ask for _, _, asks in jobs for ask in asks]
     results = _sample(engine, requests, None, budget, settings.data_temperature, stop_ids)
+    # the token the model ends a turn with (Llama-3 style checkpoints list several eos ids; the first
+    # need not be the end of a turn): the one its answers stopped at most often
+    ends = Counter(r.matched_stop for r in results if r.finish_reason == "stop" and isinstance(r.matched_stop, int))
+    usual_end = ends.most_common(1)[0][0] if ends else stop_ids[0]
     turns = []
     for j, (role, game, _) in enumerate(jobs):
         thought, answer = results[2 * j], results[2 * j + 1]
-        reasoning = _clean(thought.text)
+        reasoning, reply = _clean(thought.text), _clean(answer.text)
         reasoning = _cut_to_sentence(reasoning) if thought.finish_reason == "length" else reasoning
-        reply = _clean(answer.text)
+        reply = _cut_to_sentence(reply) if answer.finish_reason == "length" else reply
         if not reasoning or not reply:
             continue
-        end = answer.matched_stop if isinstance(answer.matched_stop, int) else stop_ids[0]
+        end = answer.matched_stop if isinstance(answer.matched_stop, int) else usual_end
         text = f"{reasoning}</think>\n<answer>{reply}</answer>"
         turns.append((game, [*tokenizer.encode(text, add_special_tokens=False), end], role))
     return turns
