@@ -4,6 +4,7 @@ checkpoints and exact resume (also after SIGKILL), and the demo command."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -659,15 +660,21 @@ def test_demo_warm_start_loss_is_the_full_vocabulary_cross_entropy(rng_seed):
 @pytest.mark.slow
 def test_two_runs_with_one_seed_are_bitwise_equal_and_resume_is_exact_on_gpu(tmp_path):
     """deterministic=true (the default) on a GPU: two runs of two steps with one seed write identical
-    adapters, and one step, a resume, then the second step writes them too."""
+    adapters, and the first run's step-1 checkpoint resumed to step 2 writes them too (three short
+    runs: gpu-check's test stage has about a minute and a half for every gpu test)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    gpu = ["device=cuda", "checkpoint_every=1", "diagnostics_every=0"]
+    gpu = ["device=cuda", "checkpoint_every=1", "diagnostics_every=0", "keep_checkpoints=2"]
     Trainer(_config(tmp_path / "a", "steps=2", *gpu)).train()
     Trainer(_config(tmp_path / "b", "steps=2", *gpu)).train()
-    Trainer(_config(tmp_path / "c", "steps=1", *gpu)).train()
-    Trainer(_config(tmp_path / "c", "steps=2", *gpu), resume=True).train()
+    resumed = tmp_path / "c"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step_000001", resumed / "checkpoints" / "step_000001")
+    (resumed / "checkpoints" / "latest").write_text("step_000001\n")
+    for name in ("config.json", ".abs-fast-run"):
+        shutil.copy2(tmp_path / "a" / name, resumed / name)
+    Trainer(_config(resumed, "steps=2", *gpu), resume=True).train()
     for name in ("attacker", "defender"):
         a = (tmp_path / "a" / name / "adapter_model.safetensors").read_bytes()
         assert (tmp_path / "b" / name / "adapter_model.safetensors").read_bytes() == a, f"{name}: runs differ"
-        assert (tmp_path / "c" / name / "adapter_model.safetensors").read_bytes() == a, f"{name}: resume differs"
+        assert (resumed / name / "adapter_model.safetensors").read_bytes() == a, f"{name}: resume differs"
