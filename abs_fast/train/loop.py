@@ -125,7 +125,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, judge: Judge | None = None, policy=None, tokenizer=None,
                  resume: bool = False, run_directory: RunDirectory | None = None, run_kind: str = "train"):
         self.config = config.validate()
-        self.run_dir = Path(config.output)
+        self.run_dir, self.run_kind = Path(config.output), run_kind
         check_before_loading(config)
         if resume and latest_checkpoint(self.run_dir) is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
@@ -385,8 +385,8 @@ class Trainer:
             self._push_adapters(self.trained_adapters)
         self.step += 1
         record = self._record(games, samples, update, diagnostics, clock, generated_tokens)
-        if self.step == 1 and self.collective.is_main:
-            self._warn_if_the_base_cannot_play(record)
+        if self.step == 1 and self.collective.is_main and self.run_kind != "demo":  # the demo explains its own base
+            self._warn_if_the_base_cannot_play(record, games)
         bad = update.get("nonfinite_skipped", 0) + update.get("nonfinite_rolled_back", 0)
         self.nonfinite_streak = self.nonfinite_streak + 1 if bad and not update.get("optimizer_steps") else 0
         if self.nonfinite_streak >= self.config.max_nonfinite_steps:
@@ -399,7 +399,7 @@ class Trainer:
             self.save()
         return record
 
-    def _warn_if_the_base_cannot_play(self, record: dict) -> None:
+    def _warn_if_the_base_cannot_play(self, record: dict, games: list[Game]) -> None:
         """Step 1's turns came from fresh adapters (B = 0), which is the base itself: its format validity,
         measured before any update. Under 10% every reward is mostly the format penalty, which self-play
         learns little from; the format warm start is the fix."""
@@ -407,8 +407,10 @@ class Trainer:
                     if record.get(f"format_violation/{role}") is not None}
         low = {role: v for role, v in validity.items() if v < BASE_VALIDITY_WARNING}
         if low:
-            shown = ", ".join(f"{role} {v:.0%}" for role, v in validity.items())
-            logger.warning("step 0: the base writes the game's <think>/<answer> format in %s of its turns (measured "
+            turns = {"attacker": sum(g.attacker_violated is not None for g in games),
+                     "defender": sum(g.defender_violated is not None for g in games)}
+            shown = ", ".join(f"{role} {v:.0%} of {turns[role]}" for role, v in validity.items())
+            logger.warning("step 0: the base writes the game's <think>/<answer> format in %s turns (measured "
                            "on step 1's games, before any update); under %.0f%%, the format penalty is nearly every "
                            "reward and self-play learns little. Warm-start the base first: `abs-fast warmstart "
                            "--model %s --output DIR`, then train --model DIR (README, 'Format warm start').", shown,
