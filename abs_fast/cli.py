@@ -12,7 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
-from abs_fast.io import shorten
+from abs_fast.io import check_text, shorten
 
 
 def _warmstart_defaults() -> dict:
@@ -502,12 +502,9 @@ def _undecodable_argument(argv: list[str]) -> str | None:
     file name from another encoding) is refused now, not after the work."""
     for argument in argv:
         try:
-            argument.encode("utf-8")
-        except UnicodeEncodeError as err:
-            code = ord(argument[err.start])
-            byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
-            return (f"argument {shorten(argument)} holds a {byte} at column {err.start + 1}, which is not UTF-8; "
-                    "rename the path (or pass a UTF-8 name)")
+            check_text(argument, f"argument {shorten(argument)}")
+        except ValueError as err:
+            return f"{err} (rename the path, or pass a UTF-8 name)"
     return None
 
 

@@ -163,7 +163,10 @@ def check_text(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        _text_error(text, err.start, "a lone surrogate (not a character)", where)
+        code = ord(text[err.start])
+        what = (f"a byte 0x{code - 0xDC00:02x} that is not UTF-8 (a name from another encoding)"
+                if 0xDC80 <= code <= 0xDCFF else "a lone surrogate (not a character)")  # surrogateescape'd
+        _text_error(text, err.start, what, where)
     return text
 
 

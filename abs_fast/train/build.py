@@ -121,7 +121,7 @@ def adapter_base_info(config: TrainConfig, tokenizer) -> dict:
     return info
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """device: auto, cpu, cuda or cuda:N, and a CUDA device must exist."""
     if device == "auto":
         return
@@ -142,7 +142,7 @@ def _check_device(device: str) -> None:
 def check_before_loading(config: TrainConfig) -> None:
     """Every refusal that needs no weights, made before any load (training and evaluation alike): the
     device exists, the judge's checkpoint directory exists."""
-    _check_device(config.device)
+    check_device(config.device)
     if config.judge == "wildguard" and not Path(config.judge_model).is_dir():
         raise FileNotFoundError(f"judge_model={config.judge_model}: no such directory (a WildGuard-format "
                                 "classifier checkpoint)")

@@ -10,32 +10,26 @@ plan fits the device is taken. A CPU starts at the small rungs, where a step tak
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 from abs_fast.train.config import TrainConfig
-from abs_fast.train.plan import GIB, ModelShape, model_shape, plan_memory
+from abs_fast.train.plan import GIB, ModelShape, free_memory, model_shape, plan_memory
 
 __all__ = ["DerivedSettings", "derive_settings", "parameter_count"]
 
 _RECIPE = dict(samples_per_prompt=1, temperature=1.0, top_p=1.0, adam_beta1=0.9, adam_beta2=0.95, warmup_ratio=0.03,
                grad_clip=1.0, steps=200, checkpoint_every=10, diagnostics_every=10, max_prompt_tokens=1024)
 
-# largest first; each rung: seeds per step, samples per optimizer step, engine rows, packed tokens,
-# turn length, recomputed activations, judge rows
+# largest first; a rung is these keys' values, turn_tokens being both roles' max_new_tokens
+_RUNG_KEYS = ("rollout_batch_size", "train_batch_size", "engine_max_batch", "token_budget", "turn_tokens",
+              "gradient_checkpointing", "judge_max_batch")
 _RUNGS = (
-    dict(rollout_batch_size=128, train_batch_size=32, engine_max_batch=128, token_budget=16384, turn_tokens=512,
-         gradient_checkpointing=False, judge_max_batch=32),
-    dict(rollout_batch_size=64, train_batch_size=32, engine_max_batch=64, token_budget=8192, turn_tokens=512,
-         gradient_checkpointing=False, judge_max_batch=32),
-    dict(rollout_batch_size=64, train_batch_size=32, engine_max_batch=64, token_budget=8192, turn_tokens=512,
-         gradient_checkpointing=True, judge_max_batch=16),
-    dict(rollout_batch_size=32, train_batch_size=16, engine_max_batch=32, token_budget=4096, turn_tokens=384,
-         gradient_checkpointing=True, judge_max_batch=16),
-    dict(rollout_batch_size=16, train_batch_size=8, engine_max_batch=16, token_budget=2048, turn_tokens=256,
-         gradient_checkpointing=True, judge_max_batch=8),
-    dict(rollout_batch_size=8, train_batch_size=8, engine_max_batch=8, token_budget=2048, turn_tokens=256,
-         gradient_checkpointing=True, judge_max_batch=8),
+    (128, 32, 128, 16384, 512, False, 32),
+    (64, 32, 64, 8192, 512, False, 32),
+    (64, 32, 64, 8192, 512, True, 16),
+    (32, 16, 32, 4096, 384, True, 16),
+    (16, 8, 16, 2048, 256, True, 8),
+    (8, 8, 8, 2048, 256, True, 8),
 )
 _CPU_FIRST_RUNG = 4  # a CPU decodes tens of tokens a second: 16 seeds of 256-token turns is already minutes a step
 
@@ -82,22 +76,6 @@ class DerivedSettings:
                 f"gradient checkpointing {'on' if v['gradient_checkpointing'] else 'off'}, {v['steps']} steps"]
 
 
-def _device_memory(device: str) -> tuple[str, float | None]:
-    """(cuda or cpu, GiB the run may use: a GPU's free memory, or the host's available memory)."""
-    import torch
-
-    kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    if kind == "cuda":
-        if not torch.cuda.is_available():  # planning for a GPU from a machine without one: size unknown
-            return kind, None
-        free, _ = torch.cuda.mem_get_info(torch.device(device if device != "auto" else "cuda"))
-        return kind, free / GIB
-    try:
-        return kind, os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GIB
-    except (ValueError, OSError):
-        return kind, None
-
-
 def derive_settings(base: TrainConfig, device: str | None = None, gpu_memory_gb: float | None = None
                     ) -> DerivedSettings:
     """Settings for `base.model` (a checkpoint directory) on `device` (default base.device), with
@@ -105,19 +83,15 @@ def derive_settings(base: TrainConfig, device: str | None = None, gpu_memory_gb:
     shape = model_shape(base.model)
     parameters = parameter_count(shape)
     device = device or base.device
-    if gpu_memory_gb is not None:
-        import torch
-
-        kind = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
-        capacity = gpu_memory_gb
-    else:
-        kind, capacity = _device_memory(device)
+    kind, free = free_memory(device)
+    capacity = gpu_memory_gb if gpu_memory_gb is not None else (None if free is None else free / GIB)
     lr = _learning_rate(parameters)
-    rungs = _RUNGS[_CPU_FIRST_RUNG:] if kind == "cpu" else _RUNGS
     chosen = None
-    for rung in rungs:
-        values = dict(_RECIPE, lr_attacker=lr, lr_defender=lr, **{k: v for k, v in rung.items() if k != "turn_tokens"},
-                      attacker_max_new_tokens=rung["turn_tokens"], defender_max_new_tokens=rung["turn_tokens"])
+    for row in _RUNGS[_CPU_FIRST_RUNG:] if kind == "cpu" else _RUNGS:
+        rung = dict(zip(_RUNG_KEYS, row, strict=True))
+        turn = rung.pop("turn_tokens")
+        values = dict(_RECIPE, lr_attacker=lr, lr_defender=lr, attacker_max_new_tokens=turn,
+                      defender_max_new_tokens=turn, **rung)
         plan = plan_memory(dataclasses.replace(base, **values), gpu_memory_gb=capacity, device=kind)
         chosen = DerivedSettings(values, parameters, kind, capacity, plan.fits, plan.peak / GIB)
         if plan.fits is not False:

@@ -76,17 +76,6 @@ class _Clock:
         return time.perf_counter() - self.start
 
 
-def _available_ram() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where it cannot be read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -235,17 +224,13 @@ class Trainer:
 
     def _check_memory(self, device: str) -> None:
         """Refuse a run whose memory plan does not fit the device this rank sees, before loading anything."""
-        from abs_fast.train.plan import GIB, plan_memory
+        from abs_fast.train.plan import GIB, free_memory, plan_memory
 
-        target = torch.device(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if target.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(target)
-        else:
-            free = _available_ram()
+        kind, free = free_memory(device)
         if free is None:
             return
-        plan = plan_memory(self.config, gpu_memory_gb=free / GIB, device=target.type,
-                           world_size=self.collective.world_size)
+        target = torch.device(kind if device == "auto" else device)
+        plan = plan_memory(self.config, gpu_memory_gb=free / GIB, device=kind, world_size=self.collective.world_size)
         if not plan.fits:
             raise ValueError(f"this run needs about {plan.peak / GIB:.1f} GiB in its {plan.peak_phase} phase but "
                              f"{target} has {free / GIB:.1f} GiB free. " + " ".join(f"Try {tip}." for tip in

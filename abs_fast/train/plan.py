@@ -29,7 +29,7 @@ from pathlib import Path
 
 from abs_fast.train.config import TrainConfig
 
-__all__ = ["CUDA_CONTEXT_BYTES", "MemoryPlan", "ModelShape", "model_shape", "plan_memory"]
+__all__ = ["CUDA_CONTEXT_BYTES", "MemoryPlan", "ModelShape", "free_memory", "model_shape", "plan_memory"]
 
 GIB = 2**30
 CUDA_CONTEXT_BYTES = int(0.6 * GIB)  # one process's CUDA context and the allocator's first segments
@@ -196,6 +196,25 @@ def _sglang_fraction(args: str) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def free_memory(device: str) -> tuple[str, int | None]:
+    """(cuda or cpu, bytes a run there may use: the GPU's free memory, or the host's MemAvailable; None
+    where it cannot be known, e.g. a CUDA device asked for on a machine without one). device: auto,
+    cpu, cuda or cuda:N."""
+    import torch
+
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    target = torch.device(auto if device == "auto" else device)
+    if target.type == "cuda":
+        return "cuda", torch.cuda.mem_get_info(target)[0] if torch.cuda.is_available() else None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return "cpu", int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return "cpu", None
 
 
 def plan_memory(config: TrainConfig, preset: str | None = None, gpu_memory_gb: float | None = None,

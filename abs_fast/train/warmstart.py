@@ -62,7 +62,7 @@ def read_warmstart_record(model_dir: str | Path) -> dict | None:
 
 # --- prompts and measurements ------------------------------------------------------------------
 
-def _game_prompts(tokenizer, seeds, max_prompt_tokens: int) -> dict[str, list[tuple[list[int], object]]]:
+def _game_prompts(tokenizer, seeds, max_prompt_tokens: int) -> dict[str, list[list[int]]]:
     """Each role's game prompt (chat template + pre-fill) for each seed that fits: the attacker's
     rewrite task, the defender's vanilla query."""
     prompts = {"attacker": [], "defender": []}
@@ -71,7 +71,7 @@ def _game_prompts(tokenizer, seeds, max_prompt_tokens: int) -> dict[str, list[tu
                                ("defender", defender_messages(seed.prompt))):
             ids = encode_turn(tokenizer, messages)
             if len(ids) <= max_prompt_tokens:
-                prompts[role].append((ids, seed))
+                prompts[role].append(ids)
     return prompts
 
 
@@ -87,7 +87,7 @@ def measure_validity(engine, prompts: dict[str, list], settings: WarmstartSettin
     (as the game checks a turn: its text, whether it ended at a stop id or at the length limit)."""
     validity = {}
     for role in ROLES:
-        ids = [p for p, _ in prompts[role] for _ in range(settings.eval_samples)]
+        ids = [p for p in prompts[role] for _ in range(settings.eval_samples)]
         results = _sample(engine, ids, adapter, settings.turn_tokens, settings.temperature, stop_ids)
         valid = [not check_format(r.text).violated for r in results]
         validity[role] = sum(valid) / max(len(valid), 1)
@@ -154,7 +154,7 @@ def rejection_sampled_turns(engine, prompts: dict[str, list], settings: Warmstar
     """The model's own turns on the training prompts, in the game's format, that pass the format check."""
     turns = []
     for role in ROLES:
-        ids = [p for p, _ in prompts[role]]
+        ids = prompts[role]
         for prompt, result in zip(ids, _sample(engine, ids, None, settings.turn_tokens, settings.temperature,
                                                stop_ids), strict=True):
             if result.finish_reason == "stop" and not check_format(result.text).violated:
@@ -240,9 +240,8 @@ def _check_source(model: Path) -> None:
     """A local checkpoint of unquantised safetensors weights (the merge adds to them)."""
     from abs_fast.model.policy import read_arch_config
 
-    read_arch_config(model)  # names a missing or unreadable config.json, an unsupported architecture
-    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    if config.get("quantization_config"):
+    hf_config = read_arch_config(model)[0]  # names a missing or unreadable config.json, an unsupported architecture
+    if getattr(hf_config, "quantization_config", None):
         raise ValueError(f"{model / 'config.json'}: a pre-quantised checkpoint; the warm start merges its "
                                   "update into the checkpoint's own weights, which needs them unquantised (use the "
                                   "original 16-bit checkpoint)")
@@ -256,13 +255,13 @@ def run_warmstart(model: str | Path, output: str | Path, settings: WarmstartSett
                   ) -> dict:
     """Measure, assemble, train, merge, write, measure again; returns the record written beside the weights."""
     from abs_fast.model import load_policy
-    from abs_fast.train.build import _check_device, checkpoint_stop_ids, load_tokenizer_for
+    from abs_fast.train.build import check_device, checkpoint_stop_ids, load_tokenizer_for
     from abs_fast.train.config import TrainConfig
 
     settings = settings.validate()
     model, output = Path(model), Path(output)
     _check_source(model)
-    _check_device(settings.device)
+    check_device(settings.device)
     if output.resolve() == model.resolve():
         raise ValueError(f"--output {output} is the source checkpoint; choose a new directory")
     seeds = [s for spec in settings.seeds for s in parse_seed_spec(spec)]
