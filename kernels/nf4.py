@@ -8,7 +8,7 @@ rounded once to the output dtype, as bitsandbytes computes them; launch with ena
 so the nested scale is a multiply then an add (an FMA would round differently from bitsandbytes).
 
     decode matmul   few rows (decode) times an NF4 weight, split-K, with the LoRA epilogue
-                    (`nf4_decode_matmul_kernel`)
+                    (`nf4_decode_matmul_kernel`); on a GPU the codes decode in registers
 
 The training GEMM with NF4 decoded inside its K-loop is `lora_fused_matmul_kernel` (kernels/lora.py, W_NF4).
 """
@@ -42,70 +42,133 @@ def nf4_dequantize_kernel(
     tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def nf4_register_decode(code_bits) -> tuple[str, tuple[int, int, int, int]]:
+    """PTX for tl.inline_asm_elementwise with pack=4 that decodes NF4 in registers, and the four
+    table words it takes as operands. Four packed bytes in ($4, byte 0 lowest), out the code values
+    of their high nibbles ($0, $1: the even elements) and of their low nibbles ($2, $3: the odd
+    elements), 16 bits each, two to a register, the lower byte's value in the low half. `code_bits`
+    are the 16 code values as bit patterns of the activations' 16-bit format (bf16 or fp16).
+
+    A 16-entry byte table is two prmt lookups, entries 0-7 and 8-15 selected by a nibble's low three
+    bits, and a byte select on its bit 3 (prmt's sign mode spreads that bit over the byte): once for
+    the values' high bytes, once for their low bytes, then two prmt interleave them. No memory is
+    read. prmt takes one table register and one immediate: the four register halves of the tables
+    (entries 0-3 and 8-11 of the high and the low bytes) are the returned words, passed by the
+    kernel as scalar operands ($5, $9, $13, $17: pack=4 gives each 32-bit operand four slots), so
+    they are loaded once, not rebuilt at every use."""
+    if len(code_bits) != 16 or any(not 0 <= v < 1 << 16 for v in code_bits):
+        raise ValueError("code_bits must be 16 values of 16 bits")
+
+    def table(byte_of):  # four words of byte entries 0-3, 4-7, 8-11, 12-15
+        return [sum(byte_of(code_bits[4 * w + i]) << (8 * i) for i in range(4)) for w in range(4)]
+
+    high, low = table(lambda v: v >> 8), table(lambda v: v & 0xFF)
+    lines = [".reg .b32 z, t, idx, sel, ms, m, p, q, hb, lb, th1, th3, tl1, tl3;", "mov.b32 z, 0;",
+             f"mov.b32 th1, {high[1]:#010x};", f"mov.b32 th3, {high[3]:#010x};",
+             f"mov.b32 tl1, {low[1]:#010x};", f"mov.b32 tl3, {low[3]:#010x};"]
+
+    def lookup(mask_source, out):
+        return [
+            "shr.b32 t, idx, 4;", "or.b32 t, idx, t;",  # nibble i & 7 of byte i into selector field i
+            "prmt.b32 sel, t, z, 0x4420;",
+            f"prmt.b32 m, {mask_source}, z, 0xBA98;",  # 0xFF in byte i where the nibble's bit 3 is set
+            "prmt.b32 p, $5, th1, sel;", "prmt.b32 q, $9, th3, sel;", "lop3.b32 hb, p, q, m, 0xD8;",
+            "prmt.b32 p, $13, tl1, sel;", "prmt.b32 q, $17, tl3, sel;", "lop3.b32 lb, p, q, m, 0xD8;",
+            f"prmt.b32 {out[0]}, lb, hb, 0x5140;", f"prmt.b32 {out[1]}, lb, hb, 0x7362;",
+        ]
+
+    lines += ["shr.b32 t, $4, 4;", "and.b32 idx, t, 0x07070707;", *lookup("$4", ("$0", "$1"))]
+    lines += ["and.b32 idx, $4, 0x07070707;", "shl.b32 ms, $4, 4;", *lookup("ms", ("$2", "$3"))]
+    signed = tuple(w - (1 << 32) if w >= 1 << 31 else w for w in (high[0], high[2], low[0], low[2]))
+    return "{\n" + "\n".join(lines) + "\n}", signed
+
+
 @triton.jit(do_not_specialize=["T", "k_per_split"])  # the row count and the split follow the batch
 def nf4_decode_matmul_kernel(
     x_ptr, packed_ptr, scale_ptr, code_ptr, bias_ptr, l_ptr, ids_ptr, b_ptr, out_ptr,
     T, N, K, R, n_adapters, k_per_split,
-    stride_xm, stride_xk,
+    word0, word1, word2, word3,
+    stride_wn, stride_xm, stride_xk,
     stride_lm, stride_lr,
     stride_ba, stride_bn, stride_br,
     stride_os, stride_om, stride_on,
     HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCKSIZE_LOG2: tl.constexpr, LORA_PRECISION: tl.constexpr, BASE_IEEE: tl.constexpr,
+    DECODE_ASM: tl.constexpr,
 ):
     """out[split, t, n] = sum over this split's K range of x[t] * W[n] (+ on split 0: bias[n] and the
-    LoRA expand l[t, :R] @ B[ids[t], n, :R]), W in NF4 stored row-major [N, K].
+    LoRA expand l[t, :R] @ B[ids[t], n, :R]), W in NF4 stored row-major [N, K] (stride_wn bytes a row).
 
-    For few rows (decode) every row shares one M tile, so W is read once; split-K fills the GPU.
-    BLOCK_K divides the NF4 blocksize and K, so a weight row has one scale per K step: the scale is
-    a [BLOCK_N] vector per step (not a gather per element), and the packed bytes of a row are
-    contiguous (BLOCK_K / 2 bytes, split into high and low nibbles). With one split the result is
-    written in out's dtype directly; otherwise the caller sums the fp32 splits (deterministic).
+    Decode reads W once and has few rows, so the weight rows sit on the MMA's M side and the batch
+    rows on its N side (granularity 8, not 16): acc is [BLOCK_N, BLOCK_T]. Split-K fills the GPU.
+    A packed byte holds elements 2j (high nibble) and 2j + 1 (low nibble); the K step's product is
+    taken as high-nibble weights times the even columns of x plus low-nibble weights times the odd
+    ones, so each byte decodes elementwise into two same-shaped tensors, with no interleave. With
+    DECODE_ASM (16-bit activations on a GPU: nf4_register_decode, with its table words word0-3) the
+    codes are decoded in registers by prmt lookups, reading no memory; otherwise (fp32, the
+    interpreter) each code is looked up in the 16 values at `code_ptr` (x's dtype) through
+    tl.gather, whose 16 entries sit in distinct shared-memory banks. BLOCK_K divides the NF4 blocksize, so each step's
+    product is scaled per weight row after the dot (BLOCK_N x BLOCK_T multiplies, not one per
+    weight element). With one split the result is written in out's dtype directly; otherwise the
+    caller sums the fp32 splits (deterministic).
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    num_pid_m = tl.cdiv(T, BLOCK_M)
-    pid_m = pid % num_pid_m  # the M tiles of one weight tile run together: W comes from HBM once
-    pid_n = pid // num_pid_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    num_pid_t = tl.cdiv(T, BLOCK_T)
+    pid_t = pid % num_pid_t  # the row tiles of one weight tile run together: W comes from HBM once
+    pid_n = pid // num_pid_t
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < T
+    t_mask = offs_t < T
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     if HAS_LORA:
         if split == 0:
             offs_r = tl.arange(0, BLOCK_R)
             r_mask = offs_r < R
-            lo = tl.load(l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            ids = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
+            lo_t = tl.load(l_ptr + offs_t[None, :] * stride_lm + offs_r[:, None] * stride_lr,
+                           mask=r_mask[:, None] & t_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_T]
+            ids = tl.load(ids_ptr + offs_t, mask=t_mask, other=-1)
             for adapter in range(0, n_adapters):
-                mine = tl.where((ids == adapter)[:, None], lo, 0.0)
-                b = tl.load(b_ptr + adapter * stride_ba + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                            mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(mine, b.to(tl.float32), acc, input_precision=LORA_PRECISION)
+                mine = tl.where((ids == adapter)[None, :], lo_t, 0.0)
+                b = tl.load(b_ptr + adapter * stride_ba + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                            mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+                acc = tl.dot(b.to(tl.float32), mine, acc, input_precision=LORA_PRECISION)
+    code = tl.load(code_ptr + tl.arange(0, 16))
     offs_kh = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
-    k_start = split * k_per_split
+    row_bytes = offs_n.to(tl.int64) * stride_wn
+    row_flat = offs_n.to(tl.int64) * K  # flat index of each weight row's first element
+    k_start = tl.multiple_of(split * k_per_split, BLOCK_K)  # the caller rounds k_per_split to BLOCK_K
     k_end = tl.minimum(k_start + k_per_split, K)
-    row_start = offs_n.to(tl.int64) * K  # flat index of each weight row's first element
-    for k0 in range(k_start, k_end, BLOCK_K):
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
-                    mask=m_mask[:, None], other=0.0)
-        flat = row_start + k0
-        packed = tl.load(packed_ptr + (flat >> 1)[:, None] + offs_kh[None, :], mask=n_mask[:, None], other=0)
-        high = (packed >> 4).to(tl.int32)
-        low = (packed & 0xF).to(tl.int32)
-        nibbles = tl.reshape(tl.join(high, low), (BLOCK_N, BLOCK_K))  # element 2j high, 2j + 1 low
-        scale = tl.load(scale_ptr + (flat >> BLOCKSIZE_LOG2), mask=n_mask, other=0.0)
-        w = (tl.load(code_ptr + nibbles) * scale[:, None]).to(x_ptr.dtype.element_ty)
-        if BASE_IEEE:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+    for step in range(0, tl.cdiv(k_end - k_start, BLOCK_K)):
+        k0 = k_start + step * BLOCK_K  # written from the step so the compiler sees its alignment (16-byte loads)
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xm + (k0 + offs_k)[None, :] * stride_xk,
+                    mask=t_mask[:, None], other=0.0)  # [BLOCK_T, BLOCK_K]
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_T, BLOCK_K // 2, 2)))
+        packed = tl.load(packed_ptr + row_bytes[:, None] + (k0 // 2 + offs_kh)[None, :], mask=n_mask[:, None], other=0)
+        if DECODE_ASM == "":
+            byte = packed.to(tl.int32) & 0xFF
+            high = tl.reshape(tl.gather(code, tl.reshape(byte >> 4, (BLOCK_N * BLOCK_K // 2,)), 0),
+                              (BLOCK_N, BLOCK_K // 2))
+            low = tl.reshape(tl.gather(code, tl.reshape(byte & 0xF, (BLOCK_N * BLOCK_K // 2,)), 0),
+                             (BLOCK_N, BLOCK_K // 2))
         else:
-            acc = tl.dot(x, tl.trans(w), acc)
+            # out: 2 registers each for high and low; in: the packed bytes, then 4 slots per table word
+            high, low = tl.inline_asm_elementwise(
+                DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [packed, word0, word1, word2, word3],
+                dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty), is_pure=True, pack=4)
+        if BASE_IEEE:
+            part = tl.dot(high, tl.trans(x_even), input_precision="ieee")
+            part = tl.dot(low, tl.trans(x_odd), part, input_precision="ieee")
+        else:
+            part = tl.dot(high, tl.trans(x_even))
+            part = tl.dot(low, tl.trans(x_odd), part)
+        scale = tl.load(scale_ptr + ((row_flat + k0) >> BLOCKSIZE_LOG2), mask=n_mask, other=0.0)
+        acc += part * scale[:, None]
     if HAS_BIAS:
         if split == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + split * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + split * stride_os + offs_t[None, :] * stride_om + offs_n[:, None] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=t_mask[None, :] & n_mask[:, None])

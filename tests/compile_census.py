@@ -104,6 +104,8 @@ def install(census: Census, arch: int):
         if hasattr(module, "triton_interpreting"):
             module.triton_interpreting = lambda: False
     lora._sm_count = lambda index: SMS
+    if hasattr(lora, "_arch"):
+        lora._arch = lambda index: arch
     nf4.select_backend = lambda *args, **kwargs: "triton"
 
     class _Properties:

@@ -148,7 +148,8 @@ def test_no_dense_weight_is_kept_for_backward(backend, nf4_path, rng_seed):
 DECODE_CASES = [Case(T=1, K=256, N=70, n_adapters=2, rank=8), Case(T=5, K=128, N=45, n_adapters=3, rank=16),
                 Case(T=23, K=320, N=33, n_adapters=2, rank=4, ids="interleaved"),
                 Case(T=40, K=64, N=19, n_adapters=1, rank=1, bias=False),
-                Case(T=9, K=192, N=40, n_adapters=2, rank=8, ids="all_base")]
+                Case(T=9, K=192, N=40, n_adapters=2, rank=8, ids="all_base"),
+                Case(T=150, K=128, N=37, n_adapters=2, rank=8, ids="interleaved")]  # three row tiles
 
 
 @pytest.mark.parametrize(("blocksize", "double_quant"), [(64, True), (128, False), (32, True)])
@@ -169,15 +170,18 @@ def test_triton_nf4_decode_matmul_matches_dequantized_float64(case, blocksize, d
     assert_close_rel(got.cpu(), want, FP32_REL, f"decode y ({case}, blocksize {blocksize})")
 
 
-def test_triton_nf4_decode_matmul_bf16(monkeypatch, rng_seed):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_nf4_decode_matmul_16_bit(dtype, monkeypatch, rng_seed):
+    """bf16 and fp16 activations: the code values are looked up in the activations' own 16-bit format
+    (code_table(device, dtype)), and the block scale multiplies each K step's product."""
     monkeypatch.setenv("ABS_FAST_NF4_DECODE", "triton")
     case = Case(T=17, K=256, N=72, n_adapters=2, rank=16)
-    x, weight, bias, lora_a, lora_b, ids, scaling, grad_out = make_nf4_inputs(case, torch.bfloat16, rng_seed)
+    x, weight, bias, lora_a, lora_b, ids, scaling, grad_out = make_nf4_inputs(case, dtype, rng_seed)
     with torch.no_grad():
         got = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias)
     want = dequantized_float64(x, weight, bias, lora_a, lora_b, ids, scaling, grad_out)[0]
-    assert got.dtype == torch.bfloat16
-    assert_close_rel(got.cpu(), want, BF16_REL, "decode y bf16")
+    assert got.dtype == dtype
+    assert_close_rel(got.cpu(), want, BF16_REL, f"decode y {dtype}")
 
 
 def test_nf4_product_dispatch_rule(monkeypatch):

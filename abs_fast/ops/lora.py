@@ -27,7 +27,7 @@ from abs_fast.ops.nf4 import (
     nf4_path,
 )
 from abs_fast.ops.routing import AdapterRouting, SegmentPlan
-from abs_fast.quant.nf4 import NF4Weight, code_table
+from abs_fast.quant.nf4 import NF4_CODE, NF4Weight, code_table
 
 __all__ = ["KernelConfig", "lora_linear", "lora_linear_reference"]
 
@@ -192,6 +192,11 @@ INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=32, block_k=32, group_m=2,
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
 
 def kernel_config(T: int, N: int, K: int, n_adapters: int, device: torch.device) -> KernelConfig:
@@ -505,6 +510,32 @@ def _nf4_decode_reason(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tenso
     return None
 
 
+@functools.cache
+def nf4_register_decode_for(dtype: torch.dtype) -> tuple[str, tuple[int, int, int, int]]:
+    """The NF4 decode matmul's register decode (PTX and table words) for 16-bit activations; ("",
+    zeros) for fp32, whose code values do not fit the 16-bit byte tables: it looks them up in memory."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "", (0, 0, 0, 0)
+    from abs_fast.kernels.nf4 import nf4_register_decode
+
+    return nf4_register_decode((NF4_CODE.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF).tolist())
+
+
+def nf4_decode_tiles(rows: int, arch: int = 90, interpreting: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_N, num_warps, num_stages) of the NF4 decode matmul for `rows` batch rows on
+    sm_`arch`.
+
+    The batch rows are the MMA's N side (granularity 8), up to 64 a tile; 128 weight rows a tile
+    over 4 warps give each thread 64 weight elements a K step, which keeps the K loop's fixed
+    instructions small beside the decode (the compiled loop's count is in bench/RESULTS.md and held
+    by tests/test_kernels_compile.py). Before Hopper a 64-row tile over 4 warps spills its fp32
+    accumulator (sm_80: 56 B), so it takes 8. Unmeasured on a GPU."""
+    block_t = min(64, max(8, _next_pow2(rows)))
+    if interpreting:
+        return block_t, 32, 4, 1
+    return block_t, 128, 8 if block_t >= 64 and arch < 90 else 4, 3
+
+
 def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting, scaling, bias) -> torch.Tensor:
     """Few rows times an NF4 base in one split-K pass that reads W once (kernels/nf4.py), the LoRA
     expand and bias added by split 0; the shrink runs first (the Triton shrink kernel)."""
@@ -524,31 +555,34 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
                          routing.plan(cfg.block_m), R, cfg, precision)
     block_k = min(64, weight.blocksize)
     if triton_interpreting():
-        block_m, block_n, warps, stages = 16, 32, 4, 1
+        block_t, block_n, warps, stages = nf4_decode_tiles(T, interpreting=True)
         split_k = 2 if 4 * block_k <= K else 1
     else:
-        block_m = min(128, max(16, _next_pow2(T)))
-        block_n, warps, stages = 64, 8 if block_m >= 64 else 4, 3  # 4 warps spill registers at 64 rows
-        tiles = _cdiv(T, block_m) * _cdiv(N, block_n)
-        sms = _sm_count(x2d.device.index if x2d.device.index is not None else torch.cuda.current_device())
+        device_index = x2d.device.index if x2d.device.index is not None else torch.cuda.current_device()
+        block_t, block_n, warps, stages = nf4_decode_tiles(T, _arch(device_index))
+        tiles = _cdiv(T, block_t) * _cdiv(N, block_n)
+        sms = _sm_count(device_index)
         split_k = max(1, min(_cdiv(2 * sms, tiles), K // (4 * block_k)))
     k_per_split = _cdiv(_cdiv(K, split_k), block_k) * block_k
     split_k = _cdiv(K, k_per_split)
     out = torch.empty(split_k, T, N, device=x2d.device, dtype=x2d.dtype if split_k == 1 else torch.float32)
-    grid = (_cdiv(T, block_m) * _cdiv(N, block_n), split_k)
+    grid = (_cdiv(T, block_t) * _cdiv(N, block_n), split_k)
+    decode_asm, decode_words = ("", (0, 0, 0, 0)) if triton_interpreting() else nf4_register_decode_for(x2d.dtype)
     k.nf4_decode_matmul_kernel[grid](
-        x2d, weight.packed, weight.block_absmax(), code_table(x2d.device),
+        x2d, weight.packed, weight.block_absmax(), code_table(x2d.device, x2d.dtype),
         bias if bias is not None else x2d, shrunk if has_lora else x2d, routing.ids,
         lora_b if has_lora else x2d, out,
         T, N, K, R, n if has_lora else 0, k_per_split,
-        x2d.stride(0), x2d.stride(1),
+        *decode_words,
+        K // 2, x2d.stride(0), x2d.stride(1),
         shrunk.stride(0) if has_lora else 0, shrunk.stride(1) if has_lora else 0,
         *((lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)) if has_lora else (0, 0, 0)),
         out.stride(0), out.stride(1), out.stride(2),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, _next_pow2(R)),
+        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, _next_pow2(R)),
         BLOCKSIZE_LOG2=weight.blocksize.bit_length() - 1, LORA_PRECISION=precision,
         BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
+        DECODE_ASM=decode_asm,
         num_warps=warps, num_stages=stages,
     )
     return out[0] if split_k == 1 else out.sum(0).to(x2d.dtype)
@@ -560,17 +594,26 @@ def nf4_call_path(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, lo
     library: decode batches of at most 16 rows, no gradient), "triton-decode" (the split-K decode
     matmul: up to NF4_DECODE_MAX_ROWS rows, no gradient), or "general" (the Triton GEMM with NF4
     decoded in its K loop or a dequantised buffer, or the PyTorch reference). Decided here, once,
-    for the dispatch and for whoever reports it (benchmarks, `abs-fast info`)."""
+    for the dispatch and for whoever reports it (benchmarks, `abs-fast info`).
+
+    On CUDA the Triton decode matmul serves every row count it can and the native kernel the rest
+    (ABS_FAST_NF4_DECODE=native|triton forces one). Read from the sm_90 machine code, not measured
+    (bench/RESULTS.md): with bf16 activations the Triton K loop, decoding in registers, issues
+    6.0-6.4 instructions per weight element at 1-32 rows and 7.5 at 64; the native kernel's scalar
+    fp32 products issue 8 at one row, 10 at two and 37 at 16. On the CPU the native library is the
+    decode path."""
     decode, auto = nf4_decode_choice(), backend == "native" or requested_backend(backend) == "auto"
     if not auto:
         return "general"
-    if native_unsupported_reason(x2d, weight, lora_a, lora_b) is None and (backend == "native" or
-                                                                          decode in ("auto", "native")):
-        return "native"
-    if backend != "native" and decode in ("auto", "triton") and \
-            _nf4_decode_reason(x2d, weight, lora_a, lora_b) is None:
+    native_ok = native_unsupported_reason(x2d, weight, lora_a, lora_b) is None and \
+        (backend == "native" or decode in ("auto", "native"))
+    triton_ok = backend != "native" and decode in ("auto", "triton") and \
+        _nf4_decode_reason(x2d, weight, lora_a, lora_b) is None
+    if triton_ok and x2d.device.type == "cuda":
         return "triton-decode"
-    return "general"
+    if native_ok:
+        return "native"
+    return "triton-decode" if triton_ok else "general"
 
 
 def _routing(adapter_ids, n_adapters: int, device: torch.device) -> AdapterRouting:

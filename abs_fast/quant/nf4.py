@@ -43,14 +43,15 @@ _CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time: bounds the working memory
 
 
 @functools.cache
-def _code_on(device: torch.device) -> torch.Tensor:
-    return NF4_CODE.to(device)
+def _code_on(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return NF4_CODE.to(device=device, dtype=dtype)
 
 
-def code_table(device: torch.device | str) -> torch.Tensor:
-    """The 16 NF4 code values (fp32) on `device`, moved there once per device: no copy inside a
-    forward, so nothing moves or allocates a table inside a CUDA graph capture."""
-    return _code_on(torch.device(device))
+def code_table(device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 16 NF4 code values on `device` (fp32, or rounded once to `dtype` for a kernel whose products
+    take that dtype), moved there once per device and dtype: no copy inside a forward, so nothing moves
+    or allocates a table inside a CUDA graph capture."""
+    return _code_on(torch.device(device), dtype)
 
 
 NF4_ZERO_INDEX = 7  # NF4_CODE[7] == 0.0: bitsandbytes fills the spare nibble of an odd count with it
