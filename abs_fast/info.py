@@ -84,7 +84,8 @@ def _nf4_rules() -> dict[str, str]:
         decode = f"error: {err}"
     return {"training/prefill": f"fused decode-in-GEMM below {NF4_BUFFER_MIN_TOKENS} tokens, dequantise-to-buffer "
                                 f"from {NF4_BUFFER_MIN_TOKENS} (ABS_FAST_NF4_PATH overrides)",
-            "decode": f"{decode}: native for <= 16 rows when built, Triton split-K for <= {NF4_DECODE_MAX_ROWS}"}
+            "decode": f"{decode}: CUDA: Triton split-K for <= {NF4_DECODE_MAX_ROWS} rows (native CUDA where it "
+                      f"cannot serve); CPU: native for <= 16 rows when built"}
 
 
 def environment_report() -> dict:

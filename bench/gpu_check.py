@@ -361,16 +361,49 @@ def _nf4_gemm_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, 
                    dtype="bf16 activations")
 
 
+def decode_roofline_gbs(copy_gbs: float | None, gemm_tflops: float | None, rows: int) -> float | None:
+    """The packed-weight bandwidth an NF4 decode product of `rows` rows can reach at most: the copy
+    bandwidth, or, where the products take longer, the bf16 matrix rate over the 4 * rows FLOPs each
+    packed byte (two weights) costs. At 7B shapes on an H200 (4.3 TB/s, ~790 TFLOP/s measured) the
+    products bind from ~46 rows: 70% of the copy bandwidth cannot be reached at 64 or 256 rows."""
+    if not copy_gbs:
+        return None
+    if not gemm_tflops:
+        return copy_gbs
+    return min(copy_gbs, gemm_tflops * 1e3 / (4 * rows))
+
+
 def _nf4_decode_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, rows: int) -> None:
     """The engine's own decode call for one projection (the layer, its routing built once, the NF4
     scales decoded once; whatever the dispatch picks at this row count): bytes of the packed NF4
-    weight per second, as a fraction of the measured copy bandwidth."""
+    weight per second, as a fraction of the measured copy bandwidth and of the roofline (the bf16
+    matrix rate binds at many rows). Up to 16 rows on a GPU, the native CUDA kernel is timed too
+    (ABS_FAST_NF4_DECODE=native), against the dispatch's choice."""
+    from abs_fast import native
+
     fn, path, nbytes = nf4_bench.engine_decode_call(out_f, in_f, rows)
     seconds = median_seconds(fn, rec.smoke)
-    rec.figure(f"nf4 decode {shape} rows {rows} ({path})", nbytes / seconds / 1e9, "GB/s",
-               "measured copy bandwidth", rec.references.get("copy_gbs"),
-               shapes=f"[{rows}, {in_f}] x NF4 [{out_f}, {in_f}], the engine's call", path=path,
-               dtype="bf16 activations" if rec.cuda else "fp32 activations")
+    copy_gbs = rec.references.get("copy_gbs")
+    roofline = decode_roofline_gbs(copy_gbs, rec.references.get("gemm_tflops"), rows)
+    gbs = nbytes / seconds / 1e9
+    where = f"[{rows}, {in_f}] x NF4 [{out_f}, {in_f}], the engine's call"
+    dtype = "bf16 activations" if rec.cuda else "fp32 activations"
+    rec.figure(f"nf4 decode {shape} rows {rows} ({path})", gbs, "GB/s", "measured copy bandwidth", copy_gbs,
+               shapes=where, path=path, dtype=dtype, roofline_gbs=_rounded(roofline),
+               fraction_of_roofline=_rounded(gbs / roofline) if roofline else None)
+    if rec.cuda and rows <= 16 and path != "native" and native.cuda_library() is not None:
+        chosen = os.environ.get("ABS_FAST_NF4_DECODE")
+        os.environ["ABS_FAST_NF4_DECODE"] = "native"
+        try:
+            fn, native_path, nbytes = nf4_bench.engine_decode_call(out_f, in_f, rows)
+            native_gbs = nbytes / median_seconds(fn, rec.smoke) / 1e9
+        finally:
+            if chosen is None:
+                os.environ.pop("ABS_FAST_NF4_DECODE", None)
+            else:
+                os.environ["ABS_FAST_NF4_DECODE"] = chosen
+        rec.figure(f"nf4 decode {shape} rows {rows} ({native_path})", native_gbs, "GB/s", f"the {path} call", gbs,
+                   shapes=where, path=native_path, dtype=dtype)
 
 
 def _logprobs_case(rec: Recorder, rollout_bench, T: int, K: int, V: int) -> None:

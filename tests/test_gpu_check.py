@@ -243,3 +243,15 @@ def test_the_decode_benchmark_times_the_engines_own_dispatch():
         if native.cpu_library() is not None and int(rows) <= native.MAX_ROWS:
             assert entry["path"] == "native", (rows, entry)
     assert report["256"]["path"] != "native"
+
+
+def test_the_decode_roofline_is_the_copy_bandwidth_until_the_products_bind():
+    """Each packed NF4 byte holds two weights, so `rows` rows cost 4 * rows bf16 FLOPs a byte: with
+    the H200 ceilings measured here (4.3 TB/s copy, 790 TFLOP/s bf16) the products bind from ~46 rows,
+    and at 256 rows no kernel can pass ~770 GB/s of packed weight (18% of the copy bandwidth)."""
+    assert gpu_check.decode_roofline_gbs(4300.0, 790.0, 1) == 4300.0
+    assert gpu_check.decode_roofline_gbs(4300.0, 790.0, 16) == 4300.0
+    assert gpu_check.decode_roofline_gbs(4300.0, 790.0, 64) == pytest.approx(790e12 / 256 / 1e9)
+    assert gpu_check.decode_roofline_gbs(4300.0, 790.0, 256) == pytest.approx(771.48, abs=0.01)
+    assert gpu_check.decode_roofline_gbs(4300.0, None, 256) == 4300.0
+    assert gpu_check.decode_roofline_gbs(None, 790.0, 1) is None

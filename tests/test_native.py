@@ -279,3 +279,29 @@ def test_the_command_line_sets_a_passive_openmp_wait_policy_before_torch_loads(e
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(want), out.stdout
+
+
+@pytest.mark.parametrize(("device", "rows", "decode", "native_ok", "triton_ok", "want"), [
+    ("cuda", 16, "auto", True, True, "triton-decode"),  # the Triton decode matmul first on CUDA
+    ("cuda", 1, "auto", True, True, "triton-decode"),
+    ("cuda", 1, "auto", True, False, "native"),  # the native kernel serves what Triton cannot
+    ("cuda", 16, "native", True, True, "native"),
+    ("cuda", 1, "triton", True, False, "general"),
+    ("cpu", 16, "auto", True, True, "native"),  # the native library is the CPU's decode path
+    ("cpu", 16, "auto", False, True, "triton-decode"),
+    ("cpu", 16, "off", True, True, "general"),
+])
+def test_the_decode_path_by_device_and_choice(device, rows, decode, native_ok, triton_ok, want, monkeypatch):
+    """nf4_call_path, the one place the decode path is decided. On CUDA the Triton decode matmul at
+    every row count: decoding in registers, its compiled K loop issues 6.0-6.4 instructions per
+    weight element at 1-32 rows where the native kernel's scalar products issue 8 at one row and 37
+    at 16 (bench/RESULTS.md). On the CPU the native library comes first."""
+    import types
+
+    import abs_fast.ops.lora as ll
+
+    monkeypatch.setenv("ABS_FAST_NF4_DECODE", decode)
+    monkeypatch.setattr(ll, "native_unsupported_reason", lambda *args: None if native_ok else "not built")
+    monkeypatch.setattr(ll, "_nf4_decode_reason", lambda *args: None if triton_ok else "blocksize")
+    x2d = types.SimpleNamespace(device=torch.device(device), shape=(rows, 64))
+    assert ll.nf4_call_path(x2d, None, None, None) == want

@@ -32,9 +32,10 @@ __all__ = ["NF4_BUFFER_MIN_TOKENS", "NF4_DECODE_MAX_ROWS", "NF4_PATHS", "nf4_dec
 NF4_PATHS = ("auto", "fused", "buffer")
 NF4_BUFFER_MIN_TOKENS = 256
 
-# Few tokens and no gradient (decode): the native CUDA/CPU product for up to 16 rows, the Triton
-# split-K decode matmul (kernels/nf4.py) for up to NF4_DECODE_MAX_ROWS. ABS_FAST_NF4_DECODE:
-# auto | native (native only) | triton (the Triton kernel also below 17 rows) | off (neither).
+# Few tokens and no gradient (decode): on CUDA the Triton split-K decode matmul (kernels/nf4.py)
+# for up to NF4_DECODE_MAX_ROWS rows, the native CUDA product for what it cannot serve; on the CPU
+# the native product for up to 16 rows (ops/lora.py nf4_call_path). ABS_FAST_NF4_DECODE:
+# auto | native (native only) | triton (Triton only) | off (neither).
 NF4_DECODE_CHOICES = ("auto", "native", "triton", "off")
 NF4_DECODE_MAX_ROWS = 256
 
