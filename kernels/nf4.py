@@ -68,13 +68,14 @@ def nf4_register_decode(code_bits) -> tuple[str, tuple[int, int, int, int]]:
              f"mov.b32 tl1, {low[1]:#010x};", f"mov.b32 tl3, {low[3]:#010x};"]
 
     def lookup(mask_source, out):
+        # idx holds nibble i & 7 in byte i; idx | idx >> 12 puts bytes 0, 2, 1, 3 in selector fields
+        # 0-3 (prmt reads the low 16 bits only), so the looked-up bytes and the mask come in that order
         return [
-            "shr.b32 t, idx, 4;", "or.b32 t, idx, t;",  # nibble i & 7 of byte i into selector field i
-            "prmt.b32 sel, t, z, 0x4420;",
-            f"prmt.b32 m, {mask_source}, z, 0xBA98;",  # 0xFF in byte i where the nibble's bit 3 is set
+            "shr.b32 t, idx, 12;", "or.b32 sel, idx, t;",
+            f"prmt.b32 m, {mask_source}, z, 0xB9A8;",  # 0xFF where the nibble's bit 3 is set, same order
             "prmt.b32 p, $5, th1, sel;", "prmt.b32 q, $9, th3, sel;", "lop3.b32 hb, p, q, m, 0xD8;",
             "prmt.b32 p, $13, tl1, sel;", "prmt.b32 q, $17, tl3, sel;", "lop3.b32 lb, p, q, m, 0xD8;",
-            f"prmt.b32 {out[0]}, lb, hb, 0x5140;", f"prmt.b32 {out[1]}, lb, hb, 0x7362;",
+            f"prmt.b32 {out[0]}, lb, hb, 0x6240;", f"prmt.b32 {out[1]}, lb, hb, 0x7351;",
         ]
 
     lines += ["shr.b32 t, $4, 4;", "and.b32 idx, t, 0x07070707;", *lookup("$4", ("$0", "$1"))]
@@ -136,6 +137,14 @@ def nf4_decode_matmul_kernel(
                             mask=n_mask[:, None] & r_mask[None, :], other=0.0)
                 acc = tl.dot(b.to(tl.float32), mine, acc, input_precision=LORA_PRECISION)
     code = tl.load(code_ptr + tl.arange(0, 16))
+    # The register decode's table words as per-row values: left uniform (kernel arguments) ptxas copies
+    # them into a register again at each use, ~1 instruction per weight element on sm_90. The test is
+    # true for every row of a launched tile, but depends on the thread, so it cannot be folded away.
+    every_row = (offs_n < N + BLOCK_N)[:, None]
+    table0 = tl.where(every_row, word0, 0)
+    table1 = tl.where(every_row, word1, 0)
+    table2 = tl.where(every_row, word2, 0)
+    table3 = tl.where(every_row, word3, 0)
     offs_kh = tl.arange(0, BLOCK_K // 2)
     offs_k = tl.arange(0, BLOCK_K)
     row_bytes = offs_n.to(tl.int64) * stride_wn
@@ -157,7 +166,7 @@ def nf4_decode_matmul_kernel(
         else:
             # out: 2 registers each for high and low; in: the packed bytes, then 4 slots per table word
             high, low = tl.inline_asm_elementwise(
-                DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [packed, word0, word1, word2, word3],
+                DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", [packed, table0, table1, table2, table3],
                 dtype=(x_ptr.dtype.element_ty, x_ptr.dtype.element_ty), is_pure=True, pack=4)
         if BASE_IEEE:
             part = tl.dot(high, tl.trans(x_even), input_precision="ieee")

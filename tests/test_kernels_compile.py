@@ -390,11 +390,12 @@ def test_nf4_decode_k_loop_is_lean_in_the_compiled_machine_code(arch):
     no GPU) at every tile the dispatch launches for decode batches of 1-256 rows, bf16 activations
     (the register decode): no register spills; the packed weight and the activations arrive by
     16-byte asynchronous copies; no global load but the block scales (no code gathered from memory
-    per element); and on sm_90 at most 8 issued instructions per weight element a thread decodes,
-    where the kernel this replaced issued 21 (a per-element code gather from global memory, byte
-    loads). 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz issue ~3.3e13 thread-instructions/s against
-    ~8.6e12 NF4 elements/s at the H200's measured copy bandwidth (4.3 TB/s): 21 an element caps a
-    kernel near 18% of it, 6 near 65%. An upper bound read from the code, not a measurement."""
+    per element); and on sm_90 at most 6.5 issued instructions per weight element a thread decodes
+    (4.9-5.4 at 1-32 rows with triton 3.9), where the kernel this replaced issued 21 (a per-element
+    code gather from global memory, byte loads). 132 SMs x 4 schedulers x 32 lanes x 1.98 GHz issue
+    ~3.3e13 thread-instructions/s against ~8.6e12 NF4 elements/s at the H200's measured copy
+    bandwidth (4.3 TB/s): 21 an element caps a kernel near 18% of it, 5.5 near 70%. An upper bound
+    read from the code, not a measurement (bench/RESULTS.md)."""
     if not _ptxas_available():
         pytest.skip("triton's CUDA backend (ptxas) is not available")
     import triton.knobs
@@ -416,7 +417,7 @@ def test_nf4_decode_k_loop_is_lean_in_the_compiled_machine_code(arch):
         assert kernel["async_copies"].get("LDGSTS.E.BYPASS.128", 0) >= 2, (rows, kernel)  # packed W, x
         assert kernel["global_loads"] <= 2, (rows, kernel)  # the scales of a thread's weight rows
         if arch == 90:
-            assert kernel["loop"] / kernel["elements"] <= 8.0, (rows, kernel)
+            assert kernel["loop"] / kernel["elements"] <= 6.5, (rows, kernel)
 
 
 DOT_SHAPES_SCRIPT = COMPILE_HELPERS + textwrap.dedent(r"""

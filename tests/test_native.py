@@ -293,7 +293,7 @@ def test_the_command_line_sets_a_passive_openmp_wait_policy_before_torch_loads(e
 ])
 def test_the_decode_path_by_device_and_choice(device, rows, decode, native_ok, triton_ok, want, monkeypatch):
     """nf4_call_path, the one place the decode path is decided. On CUDA the Triton decode matmul at
-    every row count: decoding in registers, its compiled K loop issues 6.0-6.4 instructions per
+    every row count: decoding in registers, its compiled K loop issues 4.9-5.4 instructions per
     weight element at 1-32 rows where the native kernel's scalar products issue 8 at one row and 37
     at 16 (bench/RESULTS.md). On the CPU the native library comes first."""
     import types

@@ -113,7 +113,9 @@ def test_the_interpreter_can_fail():
     """A wrong selector in the text is caught: the check does not pass vacuously."""
     bits = (NF4_CODE.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF).tolist()
     asm, words = nf4_register_decode(bits)
-    broken = asm.replace("0x5140", "0x4051", 1)
+    line = next(x for x in asm.splitlines() if x.startswith("prmt.b32 $0,"))
+    selector = line.rstrip(";").split(",")[-1].strip()
+    broken = asm.replace(line, line.replace(selector, "0x" + selector[2:][::-1]))  # the interleave reversed
     packed = _inputs()
     registers = {"$4": packed, **{f"${s + i}": np.full_like(packed, w & MASK)
                                   for s, w in zip((5, 9, 13, 17), words, strict=True) for i in range(4)}}

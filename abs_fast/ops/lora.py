@@ -599,7 +599,7 @@ def nf4_call_path(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, lo
     On CUDA the Triton decode matmul serves every row count it can and the native kernel the rest
     (ABS_FAST_NF4_DECODE=native|triton forces one). Read from the sm_90 machine code, not measured
     (bench/RESULTS.md): with bf16 activations the Triton K loop, decoding in registers, issues
-    6.0-6.4 instructions per weight element at 1-32 rows and 7.5 at 64; the native kernel's scalar
+    4.9-5.4 instructions per weight element at 1-32 rows and 6.3 at 64; the native kernel's scalar
     fp32 products issue 8 at one row, 10 at two and 37 at 16. On the CPU the native library is the
     decode path."""
     decode, auto = nf4_decode_choice(), backend == "native" or requested_backend(backend) == "auto"
