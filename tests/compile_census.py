@@ -106,6 +106,8 @@ def install(census: Census, arch: int):
     lora._sm_count = lambda index: SMS
     if hasattr(lora, "_arch"):
         lora._arch = lambda index: arch
+    if hasattr(lora, "_register_decode"):  # as on a GPU (the first call's probe adds its own two compiles)
+        lora._register_decode = lambda device, dtype: lora.nf4_register_decode_for(dtype)
     nf4.select_backend = lambda *args, **kwargs: "triton"
 
     class _Properties:

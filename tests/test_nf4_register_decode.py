@@ -121,3 +121,46 @@ def test_the_interpreter_can_fail():
                                   for s, w in zip((5, 9, 13, 17), words, strict=True) for i in range(4)}}
     good, bad = run_ptx(asm, registers), run_ptx(broken, registers)
     assert not np.array_equal(good["$0"], bad["$0"])
+
+
+def test_a_register_decode_that_disagrees_is_dropped_with_one_warning(caplog):
+    """On its first CUDA call the decode matmul runs a small problem with the register decode and with
+    the table in memory (ops.lora._register_decode); if they disagree it warns once and keeps the
+    table. The comparison, with stand-in runs: equal within 2^-7 passes, a wrong decode does not."""
+    from abs_fast.ops.lora import _NO_REGISTER_DECODE, register_decode_matches
+
+    want = torch.randn(5, 136, generator=torch.Generator().manual_seed(1))
+    decode = ("{ asm }", (1, 2, 3, 4))
+    caplog.set_level("WARNING", logger="abs_fast")
+    assert register_decode_matches(lambda d: want * (1 + 2.0**-9) if d == decode else want, decode, "cuda:0")
+    assert not caplog.records
+    seen = []
+    assert not register_decode_matches(lambda d: seen.append(d) or (want.flip(1) if d == decode else want), decode,
+                                       "cuda:0 torch.bfloat16")
+    assert seen == [decode, _NO_REGISTER_DECODE]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "disagrees" in warnings[0] and "cuda:0 torch.bfloat16" in warnings[0]
+
+
+def test_the_register_decode_is_for_cuda_16_bit_activations_only():
+    from abs_fast.ops.lora import _NO_REGISTER_DECODE, _register_decode, nf4_register_decode_for
+
+    assert _register_decode(torch.device("cpu"), torch.bfloat16) == _NO_REGISTER_DECODE
+    assert nf4_register_decode_for(torch.float32) == _NO_REGISTER_DECODE
+    asm, words = nf4_register_decode_for(torch.float16)
+    assert asm.startswith("{") and len(words) == 4
+
+
+def test_the_first_call_probe_is_a_valid_decode_problem():
+    """The probe the first CUDA call runs twice builds and multiplies a real NF4 problem: here it
+    runs on the CPU through the Triton interpreter (table decode) and matches float64."""
+    from abs_fast.ops.lora import _NO_REGISTER_DECODE, _register_decode_probe
+    from abs_fast.quant import NF4Weight
+
+    got = _register_decode_probe(torch.device("cpu"), torch.float32, _NO_REGISTER_DECODE)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    weight = NF4Weight.quantize(torch.randn(136, 512, generator=gen))
+    x = torch.randn(5, 512, generator=gen)
+    want = x.double() @ weight.dequantize(torch.float64).T
+    assert got.shape == (5, 136)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4)

@@ -9,6 +9,7 @@ lora_b; the base weight and bias are frozen and receive no gradient.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,8 @@ from abs_fast.ops.routing import AdapterRouting, SegmentPlan
 from abs_fast.quant.nf4 import NF4_CODE, NF4Weight, code_table
 
 __all__ = ["KernelConfig", "lora_linear", "lora_linear_reference"]
+
+logger = logging.getLogger(__name__)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -539,20 +542,73 @@ def nf4_decode_tiles(rows: int, arch: int = 90, interpreting: bool = False) -> t
 def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting, scaling, bias) -> torch.Tensor:
     """Few rows times an NF4 base in one split-K pass that reads W once (kernels/nf4.py), the LoRA
     expand and bias added by split 0; the shrink runs first (the Triton shrink kernel)."""
-    from abs_fast.kernels import nf4 as k
-
     T, K = x2d.shape
     N = weight.shape[0]
     n, R = lora_a.shape[0], lora_a.shape[1]
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
     has_lora = T > 0 and n > 0 and R > 0
-    precision = _lora_precision(x2d.dtype)
     shrunk = None
     if has_lora:
         cfg = kernel_config(T, N, K, n, x2d.device)
         shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), scaling,
-                         routing.plan(cfg.block_m), R, cfg, precision)
+                         routing.plan(cfg.block_m), R, cfg, _lora_precision(x2d.dtype))
+    return _nf4_decode_matmul(x2d, weight, shrunk, routing.ids, lora_b if has_lora else None, bias,
+                              _register_decode(x2d.device, x2d.dtype))
+
+
+_NO_REGISTER_DECODE = ("", (0, 0, 0, 0))
+_REGISTER_DECODE_MATCHES: dict[tuple[int, torch.dtype], bool] = {}
+
+
+def _register_decode(device: torch.device, dtype: torch.dtype) -> tuple[str, tuple[int, int, int, int]]:
+    """The decode matmul's register decode for these activations, once it has matched the table
+    decode on a small problem on this device (checked on the first call outside a CUDA graph
+    capture; the engine's warm-up steps run before it captures). A mismatch, which no CPU test can
+    rule out since only a GPU runs the PTX, costs one warning and the table decode from then on."""
+    if device.type != "cuda" or triton_interpreting():
+        return _NO_REGISTER_DECODE
+    decode = nf4_register_decode_for(dtype)
+    if not decode[0]:
+        return decode
+    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
+    if key not in _REGISTER_DECODE_MATCHES:
+        if torch.cuda.is_current_stream_capturing():
+            return _NO_REGISTER_DECODE
+        _REGISTER_DECODE_MATCHES[key] = register_decode_matches(
+            lambda chosen: _register_decode_probe(device, dtype, chosen), decode, f"{device} {dtype}")
+    return decode if _REGISTER_DECODE_MATCHES[key] else _NO_REGISTER_DECODE
+
+
+def register_decode_matches(run, decode, where: str) -> bool:
+    """Whether run(decode) (the register decode) gives what run(table decode) gives, to 2^-7; one
+    warning when it does not."""
+    with torch.no_grad():
+        got, want = run(decode).float(), run(_NO_REGISTER_DECODE).float()
+    if torch.allclose(got, want, rtol=2.0**-7, atol=1e-3):
+        return True
+    logger.warning("the NF4 register decode disagrees with the table decode on %s (max difference %.3g); "
+                   "the decode matmul looks codes up in memory from now on", where, (got - want).abs().max().item())
+    return False
+
+
+def _register_decode_probe(device: torch.device, dtype: torch.dtype, decode) -> torch.Tensor:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    weight = NF4Weight.quantize(torch.randn(136, 512, generator=gen).to(device)).with_scales()
+    x = torch.randn(5, 512, generator=gen).to(device=device, dtype=dtype)
+    return _nf4_decode_matmul(x, weight, None, torch.full((5,), -1, dtype=torch.int32, device=device), None, None,
+                              decode)
+
+
+def _nf4_decode_matmul(x2d, weight: NF4Weight, shrunk, ids, lora_b, bias, decode) -> torch.Tensor:
+    """The decode matmul kernel's launch: tiles, split-K, and `decode` (nf4_register_decode_for's
+    PTX and table words, or _NO_REGISTER_DECODE for the table in memory). No LoRA when lora_b is None."""
+    from abs_fast.kernels import nf4 as k
+
+    T, K = x2d.shape
+    N = weight.shape[0]
+    has_lora = lora_b is not None
+    R = shrunk.shape[1] if has_lora else 0
     block_k = min(64, weight.blocksize)
     if triton_interpreting():
         block_t, block_n, warps, stages = nf4_decode_tiles(T, interpreting=True)
@@ -567,12 +623,12 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
     split_k = _cdiv(K, k_per_split)
     out = torch.empty(split_k, T, N, device=x2d.device, dtype=x2d.dtype if split_k == 1 else torch.float32)
     grid = (_cdiv(T, block_t) * _cdiv(N, block_n), split_k)
-    decode_asm, decode_words = ("", (0, 0, 0, 0)) if triton_interpreting() else nf4_register_decode_for(x2d.dtype)
+    decode_asm, decode_words = decode
     k.nf4_decode_matmul_kernel[grid](
         x2d, weight.packed, weight.block_absmax(), code_table(x2d.device, x2d.dtype),
-        bias if bias is not None else x2d, shrunk if has_lora else x2d, routing.ids,
+        bias if bias is not None else x2d, shrunk if has_lora else x2d, ids,
         lora_b if has_lora else x2d, out,
-        T, N, K, R, n if has_lora else 0, k_per_split,
+        T, N, K, R, lora_b.shape[0] if has_lora else 0, k_per_split,
         *decode_words,
         K // 2, x2d.stride(0), x2d.stride(1),
         shrunk.stride(0) if has_lora else 0, shrunk.stride(1) if has_lora else 0,
@@ -580,7 +636,7 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
         out.stride(0), out.stride(1), out.stride(2),
         HAS_BIAS=bias is not None, HAS_LORA=has_lora,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=max(16, _next_pow2(R)),
-        BLOCKSIZE_LOG2=weight.blocksize.bit_length() - 1, LORA_PRECISION=precision,
+        BLOCKSIZE_LOG2=weight.blocksize.bit_length() - 1, LORA_PRECISION=_lora_precision(x2d.dtype),
         BASE_IEEE=x2d.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32,
         DECODE_ASM=decode_asm,
         num_warps=warps, num_stages=stages,
