@@ -53,9 +53,8 @@ def nf4_register_decode(code_bits) -> tuple[str, tuple[int, int, int, int]]:
     bits, and a byte select on its bit 3 (prmt's sign mode spreads that bit over the byte): once for
     the values' high bytes, once for their low bytes, then two prmt interleave them. No memory is
     read. prmt takes one table register and one immediate: the four register halves of the tables
-    (entries 0-3 and 8-11 of the high and the low bytes) are the returned words, passed by the
-    kernel as scalar operands ($5, $9, $13, $17: pack=4 gives each 32-bit operand four slots), so
-    they are loaded once, not rebuilt at every use."""
+    (entries 0-3 and 8-11 of the high and the low bytes) are the returned words, which the kernel
+    passes as operands ($5, $9, $13, $17: pack=4 gives each 32-bit operand four slots)."""
     if len(code_bits) != 16 or any(not 0 <= v < 1 << 16 for v in code_bits):
         raise ValueError("code_bits must be 16 values of 16 bits")
 
@@ -109,10 +108,10 @@ def nf4_decode_matmul_kernel(
     DECODE_ASM (16-bit activations on a GPU: nf4_register_decode, with its table words word0-3) the
     codes are decoded in registers by prmt lookups, reading no memory; otherwise (fp32, the
     interpreter) each code is looked up in the 16 values at `code_ptr` (x's dtype) through
-    tl.gather, whose 16 entries sit in distinct shared-memory banks. BLOCK_K divides the NF4 blocksize, so each step's
-    product is scaled per weight row after the dot (BLOCK_N x BLOCK_T multiplies, not one per
-    weight element). With one split the result is written in out's dtype directly; otherwise the
-    caller sums the fp32 splits (deterministic).
+    tl.gather, whose 16 entries sit in distinct shared-memory banks. BLOCK_K divides the NF4
+    blocksize, so each step's product is scaled per weight row after the dot (BLOCK_N x BLOCK_T
+    multiplies, not one per weight element). With one split the result is written in out's dtype
+    directly; otherwise the caller sums the fp32 splits (deterministic).
     """
     pid = tl.program_id(0)
     split = tl.program_id(1)
