@@ -404,6 +404,30 @@ def _nf4_decode_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int
                 os.environ["ABS_FAST_NF4_DECODE"] = chosen
         rec.figure(f"nf4 decode {shape} rows {rows} ({native_path})", native_gbs, "GB/s", f"the {path} call", gbs,
                    shapes=where, path=native_path, dtype=dtype)
+    if rec.cuda and path == "triton-decode":
+        _register_decode_case(rec, shape, out_f, in_f, rows)
+
+
+def _register_decode_case(rec: Recorder, shape: str, out_f: int, in_f: int, rows: int, device: str = "cuda") -> None:
+    """The decode matmul alone (no LoRA), its codes decoded in registers against looked up in a
+    shared-memory table: the register decode was designed from machine-code counts, not timings."""
+    import torch
+
+    from abs_fast.ops import lora
+    from abs_fast.quant import NF4Weight
+
+    weight = NF4Weight.quantize(torch.randn(out_f, in_f, device=device)).with_scales()
+    x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
+    ids = torch.full((rows,), -1, dtype=torch.int32, device=device)
+    seconds = {}
+    for name, decode in (("register", lora.nf4_register_decode_for(torch.bfloat16)),
+                         ("table", lora._NO_REGISTER_DECODE)):
+        seconds[name] = median_seconds(lambda d=decode: lora._nf4_decode_matmul(x, weight, None, ids, None, None, d),
+                                       rec.smoke)
+    nbytes = weight.nbytes()
+    rec.figure(f"nf4 decode matmul {shape} rows {rows} register decode", nbytes / seconds["register"] / 1e9, "GB/s",
+               "table decode", nbytes / seconds["table"] / 1e9, shapes=f"[{rows}, {in_f}] x NF4 [{out_f}, {in_f}]",
+               dtype="bf16 activations")
 
 
 def _logprobs_case(rec: Recorder, rollout_bench, T: int, K: int, V: int) -> None:

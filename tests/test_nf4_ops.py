@@ -226,6 +226,25 @@ def test_unknown_nf4_path_is_rejected(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("dtype", "rows"), [(torch.bfloat16, (1, 16, 64, 150)), (torch.float16, (16,))], ids=str)
+def test_register_decode_on_a_gpu_matches_float64(dtype, rows, monkeypatch, rng_seed):
+    """The decode matmul with its register decode (PTX that only a GPU runs) at every row tile, with
+    LoRA, against float64; and the first call's check kept the register decode. No bias, rank 16:
+    the variants gpu-check's compile stage has built for a 7B step."""
+    import abs_fast.ops.lora as ll
+
+    monkeypatch.setenv("ABS_FAST_NF4_DECODE", "triton")
+    for T in rows:
+        case = Case(T=T, K=512, N=200, n_adapters=2, rank=16, ids="interleaved", bias=False)
+        x, weight, bias, lora_a, lora_b, ids, scaling, grad_out = make_nf4_inputs(case, dtype, rng_seed)
+        with torch.no_grad():
+            got = lora_linear(x, weight, lora_a, lora_b, ids, scaling, bias)
+        want = dequantized_float64(x, weight, bias, lora_a, lora_b, ids, scaling, grad_out)[0]
+        assert_close_rel(got.cpu(), want, BF16_REL, f"decode y {dtype} T={T}")
+    assert ll._REGISTER_DECODE_MATCHES.get((torch.cuda.current_device(), dtype)) is True
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("nf4_path_name", ["fused", "buffer"])
 @pytest.mark.parametrize("shape", [(3584, 3584), (512, 3584), (3584, 18944)], ids=["q", "kv", "down"])
 def test_compiled_nf4_kernels_at_qwen_shapes(shape, nf4_path_name, rng_seed, monkeypatch):
