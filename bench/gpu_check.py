@@ -421,8 +421,8 @@ def _register_decode_case(rec: Recorder, shape: str, out_f: int, in_f: int, rows
     ids = torch.full((rows,), -1, dtype=torch.int32, device=device)
     seconds = {}
     for name, decode in (("register", lora.nf4_register_decode_for(torch.bfloat16)),
-                         ("table", lora._NO_REGISTER_DECODE)):
-        seconds[name] = median_seconds(lambda d=decode: lora._nf4_decode_matmul(x, weight, None, ids, None, None, d),
+                         ("table", lora.NO_REGISTER_DECODE)):
+        seconds[name] = median_seconds(lambda d=decode: lora.nf4_decode_matmul(x, weight, None, ids, None, None, d),
                                        rec.smoke)
     nbytes = weight.nbytes()
     rec.figure(f"nf4 decode matmul {shape} rows {rows} register decode", nbytes / seconds["register"] / 1e9, "GB/s",

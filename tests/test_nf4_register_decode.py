@@ -127,7 +127,7 @@ def test_a_register_decode_that_disagrees_is_dropped_with_one_warning(caplog):
     """On its first CUDA call the decode matmul runs a small problem with the register decode and with
     the table in memory (ops.lora._register_decode); if they disagree it warns once and keeps the
     table. The comparison, with stand-in runs: equal within 2^-7 passes, a wrong decode does not."""
-    from abs_fast.ops.lora import _NO_REGISTER_DECODE, register_decode_matches
+    from abs_fast.ops.lora import NO_REGISTER_DECODE, register_decode_matches
 
     want = torch.randn(5, 136, generator=torch.Generator().manual_seed(1))
     decode = ("{ asm }", (1, 2, 3, 4))
@@ -137,16 +137,16 @@ def test_a_register_decode_that_disagrees_is_dropped_with_one_warning(caplog):
     seen = []
     assert not register_decode_matches(lambda d: seen.append(d) or (want.flip(1) if d == decode else want), decode,
                                        "cuda:0 torch.bfloat16")
-    assert seen == [decode, _NO_REGISTER_DECODE]
+    assert seen == [decode, NO_REGISTER_DECODE]
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "disagrees" in warnings[0] and "cuda:0 torch.bfloat16" in warnings[0]
 
 
 def test_the_register_decode_is_for_cuda_16_bit_activations_only():
-    from abs_fast.ops.lora import _NO_REGISTER_DECODE, _register_decode, nf4_register_decode_for
+    from abs_fast.ops.lora import NO_REGISTER_DECODE, _register_decode, nf4_register_decode_for
 
-    assert _register_decode(torch.device("cpu"), torch.bfloat16) == _NO_REGISTER_DECODE
-    assert nf4_register_decode_for(torch.float32) == _NO_REGISTER_DECODE
+    assert _register_decode(torch.device("cpu"), torch.bfloat16) == NO_REGISTER_DECODE
+    assert nf4_register_decode_for(torch.float32) == NO_REGISTER_DECODE
     asm, words = nf4_register_decode_for(torch.float16)
     assert asm.startswith("{") and len(words) == 4
 
@@ -154,10 +154,10 @@ def test_the_register_decode_is_for_cuda_16_bit_activations_only():
 def test_the_first_call_probe_is_a_valid_decode_problem():
     """The probe the first CUDA call runs twice builds and multiplies a real NF4 problem: here it
     runs on the CPU through the Triton interpreter (table decode) and matches float64."""
-    from abs_fast.ops.lora import _NO_REGISTER_DECODE, _register_decode_probe
+    from abs_fast.ops.lora import NO_REGISTER_DECODE, _register_decode_probe
     from abs_fast.quant import NF4Weight
 
-    got = _register_decode_probe(torch.device("cpu"), torch.float32, _NO_REGISTER_DECODE)
+    got = _register_decode_probe(torch.device("cpu"), torch.float32, NO_REGISTER_DECODE)
     gen = torch.Generator(device="cpu").manual_seed(0)
     weight = NF4Weight.quantize(torch.randn(136, 512, generator=gen))
     x = torch.randn(5, 512, generator=gen)

@@ -553,11 +553,11 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
         cfg = kernel_config(T, N, K, n, x2d.device)
         shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), scaling,
                          routing.plan(cfg.block_m), R, cfg, _lora_precision(x2d.dtype))
-    return _nf4_decode_matmul(x2d, weight, shrunk, routing.ids, lora_b if has_lora else None, bias,
+    return nf4_decode_matmul(x2d, weight, shrunk, routing.ids, lora_b if has_lora else None, bias,
                               _register_decode(x2d.device, x2d.dtype))
 
 
-_NO_REGISTER_DECODE = ("", (0, 0, 0, 0))
+NO_REGISTER_DECODE = ("", (0, 0, 0, 0))
 _REGISTER_DECODE_MATCHES: dict[tuple[int, torch.dtype], bool] = {}
 
 
@@ -567,24 +567,24 @@ def _register_decode(device: torch.device, dtype: torch.dtype) -> tuple[str, tup
     capture; the engine's warm-up steps run before it captures). A mismatch, which no CPU test can
     rule out since only a GPU runs the PTX, costs one warning and the table decode from then on."""
     if device.type != "cuda" or triton_interpreting():
-        return _NO_REGISTER_DECODE
+        return NO_REGISTER_DECODE
     decode = nf4_register_decode_for(dtype)
     if not decode[0]:
         return decode
     key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
     if key not in _REGISTER_DECODE_MATCHES:
         if torch.cuda.is_current_stream_capturing():
-            return _NO_REGISTER_DECODE
+            return NO_REGISTER_DECODE
         _REGISTER_DECODE_MATCHES[key] = register_decode_matches(
             lambda chosen: _register_decode_probe(device, dtype, chosen), decode, f"{device} {dtype}")
-    return decode if _REGISTER_DECODE_MATCHES[key] else _NO_REGISTER_DECODE
+    return decode if _REGISTER_DECODE_MATCHES[key] else NO_REGISTER_DECODE
 
 
 def register_decode_matches(run, decode, where: str) -> bool:
     """Whether run(decode) (the register decode) gives what run(table decode) gives, to 2^-7; one
     warning when it does not."""
     with torch.no_grad():
-        got, want = run(decode).float(), run(_NO_REGISTER_DECODE).float()
+        got, want = run(decode).float(), run(NO_REGISTER_DECODE).float()
     if torch.allclose(got, want, rtol=2.0**-7, atol=1e-3):
         return True
     logger.warning("the NF4 register decode disagrees with the table decode on %s (max difference %.3g); "
@@ -596,13 +596,13 @@ def _register_decode_probe(device: torch.device, dtype: torch.dtype, decode) -> 
     gen = torch.Generator(device="cpu").manual_seed(0)
     weight = NF4Weight.quantize(torch.randn(136, 512, generator=gen).to(device)).with_scales()
     x = torch.randn(5, 512, generator=gen).to(device=device, dtype=dtype)
-    return _nf4_decode_matmul(x, weight, None, torch.full((5,), -1, dtype=torch.int32, device=device), None, None,
+    return nf4_decode_matmul(x, weight, None, torch.full((5,), -1, dtype=torch.int32, device=device), None, None,
                               decode)
 
 
-def _nf4_decode_matmul(x2d, weight: NF4Weight, shrunk, ids, lora_b, bias, decode) -> torch.Tensor:
+def nf4_decode_matmul(x2d, weight: NF4Weight, shrunk, ids, lora_b, bias, decode) -> torch.Tensor:
     """The decode matmul kernel's launch: tiles, split-K, and `decode` (nf4_register_decode_for's
-    PTX and table words, or _NO_REGISTER_DECODE for the table in memory). No LoRA when lora_b is None."""
+    PTX and table words, or NO_REGISTER_DECODE for the table in memory). No LoRA when lora_b is None."""
     from abs_fast.kernels import nf4 as k
 
     T, K = x2d.shape
