@@ -333,6 +333,20 @@ def _lora_case(rec: Recorder, lora_bench, shape: str, out_f: int, in_f: int) -> 
                "base GEMM forward + input gradient alone", times["base_only"] * 1e3, shapes=where, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str):
+    """`name` set to `value` inside the block, then back to what it was (unset included)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _nf4_gemm_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, tokens: int) -> None:
     """NF4 base forward GEMM: decode-in-K-loop vs dequantise-to-buffer (the rule's two paths) vs bitsandbytes."""
     import bitsandbytes as bnb
@@ -350,11 +364,9 @@ def _nf4_gemm_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int, 
     paths = ("fused", "buffer") if rec.cuda else ("buffer",)  # the fused path is a Triton kernel
     backend = "triton" if rec.cuda else "reference"
     for path in paths:
-        os.environ["ABS_FAST_NF4_PATH"] = path
-        with torch.no_grad():
+        with _environ("ABS_FAST_NF4_PATH", path), torch.no_grad():
             times[path] = median_seconds(lambda: lora_linear(x, problem.weight, *no_adapters, backend=backend),
                                          rec.smoke)
-    os.environ.pop("ABS_FAST_NF4_PATH", None)
     for path in paths:
         rec.figure(f"nf4 gemm fwd {shape} {path}", times[path] * 1e3, "ms", "bitsandbytes matmul_4bit",
                    times["bitsandbytes"] * 1e3, shapes=f"[{tokens}, {in_f}] x NF4 [{out_f}, {in_f}]",
@@ -392,23 +404,16 @@ def _nf4_decode_case(rec: Recorder, nf4_bench, shape: str, out_f: int, in_f: int
                shapes=where, path=path, dtype=dtype, roofline_gbs=_rounded(roofline),
                fraction_of_roofline=_rounded(gbs / roofline) if roofline else None)
     if rec.cuda and rows <= 16 and path != "native" and native.cuda_library() is not None:
-        chosen = os.environ.get("ABS_FAST_NF4_DECODE")
-        os.environ["ABS_FAST_NF4_DECODE"] = "native"
-        try:
+        with _environ("ABS_FAST_NF4_DECODE", "native"):
             fn, native_path, nbytes = nf4_bench.engine_decode_call(out_f, in_f, rows)
             native_gbs = nbytes / median_seconds(fn, rec.smoke) / 1e9
-        finally:
-            if chosen is None:
-                os.environ.pop("ABS_FAST_NF4_DECODE", None)
-            else:
-                os.environ["ABS_FAST_NF4_DECODE"] = chosen
         rec.figure(f"nf4 decode {shape} rows {rows} ({native_path})", native_gbs, "GB/s", f"the {path} call", gbs,
                    shapes=where, path=native_path, dtype=dtype)
     if rec.cuda and path == "triton-decode":
         _register_decode_case(rec, shape, out_f, in_f, rows)
 
 
-def _register_decode_case(rec: Recorder, shape: str, out_f: int, in_f: int, rows: int, device: str = "cuda") -> None:
+def _register_decode_case(rec: Recorder, shape: str, out_f: int, in_f: int, rows: int) -> None:
     """The decode matmul alone (no LoRA), its codes decoded in registers against looked up in a
     shared-memory table: the register decode was designed from machine-code counts, not timings."""
     import torch
@@ -416,9 +421,9 @@ def _register_decode_case(rec: Recorder, shape: str, out_f: int, in_f: int, rows
     from abs_fast.ops import lora
     from abs_fast.quant import NF4Weight
 
-    weight = NF4Weight.quantize(torch.randn(out_f, in_f, device=device)).with_scales()
-    x = torch.randn(rows, in_f, device=device, dtype=torch.bfloat16)
-    ids = torch.full((rows,), -1, dtype=torch.int32, device=device)
+    weight = NF4Weight.quantize(torch.randn(out_f, in_f, device="cuda")).with_scales()
+    x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+    ids = torch.full((rows,), -1, dtype=torch.int32, device="cuda")
     seconds = {}
     for name, decode in (("register", lora.nf4_register_decode_for(torch.bfloat16)),
                          ("table", lora.NO_REGISTER_DECODE)):

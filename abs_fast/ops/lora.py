@@ -661,13 +661,12 @@ def nf4_call_path(x2d: torch.Tensor, weight: NF4Weight, lora_a: torch.Tensor, lo
     decode, auto = nf4_decode_choice(), backend == "native" or requested_backend(backend) == "auto"
     if not auto:
         return "general"
-    native_ok = native_unsupported_reason(x2d, weight, lora_a, lora_b) is None and \
-        (backend == "native" or decode in ("auto", "native"))
     triton_ok = backend != "native" and decode in ("auto", "triton") and \
         _nf4_decode_reason(x2d, weight, lora_a, lora_b) is None
     if triton_ok and x2d.device.type == "cuda":
         return "triton-decode"
-    if native_ok:
+    if (backend == "native" or decode in ("auto", "native")) and \
+            native_unsupported_reason(x2d, weight, lora_a, lora_b) is None:
         return "native"
     return "triton-decode" if triton_ok else "general"
 
