@@ -49,6 +49,10 @@ for _var, _sub in (("HOME", ""), ("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME
                    ("HF_HOME", ".cache/huggingface"), ("TRITON_CACHE_DIR", ".triton/cache"),
                    ("TORCH_HOME", ".cache/torch"), ("MPLCONFIGDIR", ".config/matplotlib")):
     os.environ[_var] = str(TEST_HOME / _sub)
+# No test reads the Hugging Face Hub. Since transformers 5.25 installs the `kernels` package, importing
+# bitsandbytes on a CPU with AVX512-BF16 asks the Hub for a kernel: offline, that fails at once, the same
+# on every machine, and bitsandbytes keeps its own CPU code.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_sessionfinish(session, exitstatus):

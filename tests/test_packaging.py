@@ -29,7 +29,8 @@ try:
     got_kernel = True
 except ImportError:
     got_kernel = False
-def from_checkout(module):  # a file of this checkout (not of a virtual environment inside it)
+def from_checkout(module):  # a file of this checkout (not of a virtual environment inside it); a
+    # namespace package (kernels/ has no __init__.py) runs no code and has no file: it does not count
     path = getattr(module, "__file__", None) or ""
     return path.startswith(repo) and not path.startswith(sys.prefix)
 ours = sorted(name for name, module in list(sys.modules.items())
@@ -38,13 +39,23 @@ print(json.dumps({"hf_kernels_available": hf_kernels, "get_kernel_imported": got
 """
 
 
-def test_hf_kernels_probes_load_nothing_of_ours_from_repo_root():
-    result = subprocess.run([sys.executable, "-c", PROBE, str(REPO_ROOT)], cwd=REPO_ROOT,
+def _probe_hf_kernels(cwd: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, str(REPO_ROOT)], cwd=cwd,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"hf_kernels_available": False, "get_kernel_imported": False, "foreign_names": []}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_hf_kernels_probes_load_nothing_of_ours_from_repo_root(tmp_path):
+    """From the repo root, transformers' and bitsandbytes' probes for the Hugging Face `kernels` package
+    answer exactly as they do elsewhere: whether that package is installed (transformers >= 5.25 pulls
+    it in) is the environment's business, but our kernels/ folder must never be what they find."""
+    at_root = _probe_hf_kernels(REPO_ROOT)
+    elsewhere = _probe_hf_kernels(tmp_path)
+    assert at_root["foreign_names"] == [], "modules of this checkout loaded under a name that is not abs_fast"
+    assert at_root == elsewhere
+    assert at_root["get_kernel_imported"] == at_root["hf_kernels_available"], at_root
 
 
 @pytest.mark.slow
