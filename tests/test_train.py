@@ -516,7 +516,10 @@ def test_an_interrupt_prints_one_line_and_the_checkpoint_resumes(tmp_path, sig, 
     cli = [sys.executable, "-m", "abs_fast.cli", "train", "--preset", "tiny", "--output", str(run), "--set",
            *SMALL, "steps=40", "checkpoint_every=1"]
     env = {**os.environ, "ABS_FAST_BACKEND": "reference"}
-    process = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # a suite started in the background by a non-interactive shell inherits SIGINT ignored: give the
+    # run the default disposition a terminal's Ctrl-C meets
+    process = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if (run / "checkpoints" / "latest").exists() and latest_checkpoint(run).name >= "step_000002":
