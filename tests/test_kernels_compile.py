@@ -297,16 +297,27 @@ def shared_report(request):
 
 
 def test_every_fused_matmul_config_compiles_and_the_table_holds_its_resources(shared_report):
-    """Each autotune configuration, dense and NF4, compiles for the target, and the shared memory and
-    register spills the pruner reads (FUSED_MATMUL_RESOURCES) are what the compiler allocates."""
-    from abs_fast.ops.lora import FUSED_MATMUL_CONFIGS, FUSED_MATMUL_RESOURCES
+    """Each autotune configuration, dense and NF4, compiles for the target with the installed Triton;
+    the shared memory the pruner reads (FUSED_MATMUL_RESOURCES) is what the compiler allocates, and
+    the pruner hands every target (sm_80/86/89 from the sm_80 compiles, sm_90) the configurations it
+    would choose from the compiler's own figures. Spill sizes are printed, not compared: they differ
+    between Triton versions (the NF4 (64, 32, 4, 5) tile spills 24 B on sm_80 with 3.9, none with 3.6,
+    and is chosen by both)."""
+    from abs_fast.ops.lora import FUSED_MATMUL_CONFIGS, FUSED_MATMUL_RESOURCES, SHARED_MEMORY_BYTES, configs_that_fit
 
     arch, report = shared_report
+    targets = (80, 86, 89) if arch == 80 else (90,)
     for nf4 in (False, True):
         compiled = {tuple(int(v) for v in key.split(",")): tuple(used)
                     for key, used in report["fused"][str(nf4)].items()}
+        print(f"sm_{arch} nf4={nf4} (shared bytes, spill bytes): {compiled}")
+        table = FUSED_MATMUL_RESOURCES[arch][nf4]
         assert set(compiled) == set(FUSED_MATMUL_CONFIGS)
-        assert compiled == FUSED_MATMUL_RESOURCES[arch][nf4], (arch, nf4, compiled)
+        assert {c: used[0] for c, used in compiled.items()} == {c: used[0] for c, used in table.items()}, \
+            (arch, nf4, compiled)
+        for target in targets:
+            limit = SHARED_MEMORY_BYTES[target]
+            assert configs_that_fit(compiled, limit) == configs_that_fit(table, limit), (target, nf4, compiled)
 
 
 def test_the_autotuner_gets_only_configs_that_fit_each_target(shared_report):
