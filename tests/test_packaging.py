@@ -55,7 +55,6 @@ def test_hf_kernels_probes_load_nothing_of_ours_from_repo_root(tmp_path):
     elsewhere = _probe_hf_kernels(tmp_path)
     assert at_root["foreign_names"] == [], "modules of this checkout loaded under a name that is not abs_fast"
     assert at_root == elsewhere
-    assert at_root["get_kernel_imported"] == at_root["hf_kernels_available"], at_root
 
 
 @pytest.mark.slow
