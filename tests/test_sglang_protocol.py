@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def journal(tmp_path) -> Path:
 
 def read_journal(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def running_servers(tmp_path: Path) -> list[int]:
+    """Process ids of this test's fake servers still running (their command line names its model path,
+    tmp_path), read from /proc (Linux; elsewhere none are found)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if b"fake_sglang_server" in argv and str(tmp_path).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
 
 
 def settings_for(tmp_path: Path, journal: Path, **env) -> ServerSettings:
@@ -550,6 +565,7 @@ def test_protocol_old_sglang_is_refused_unless_its_radix_cache_is_off(tmp_path, 
     """Below 0.5.1 the radix cache keys on token ids alone: adapters would share cached prefixes."""
     with pytest.raises(SGLangServerError, match=r"0\.4\.10.*radix cache.*0\.5\.1"):
         SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_VERSION="0.4.10.post2"))
+    assert running_servers(tmp_path) == [], "the refused server was left running"
     settings = settings_for(tmp_path, journal, FAKE_SGLANG_VERSION="0.4.10")
     settings.extra_args = ("--disable-radix-cache",)
     with SGLangEngine(settings=settings) as engine:
@@ -558,15 +574,22 @@ def test_protocol_old_sglang_is_refused_unless_its_radix_cache_is_off(tmp_path, 
         assert engine.server_version == "0.5.23" and engine.tp_size == 1
 
 
-def test_protocol_data_parallel_is_refused(tmp_path, journal):
+def test_protocol_data_parallel_is_refused(tmp_path, journal, monkeypatch):
+    import abs_fast.rollout.sglang as sglang_module
+
     settings = settings_for(tmp_path, journal)
     for option in ("--dp", "--dp-size=2", "--data-parallel-size"):
         settings.extra_args = (option, "2") if "=" not in option else (option,)
         with pytest.raises(ValueError, match="data-parallel"):
             server_command(settings, 1234)
     settings.extra_args = ()
+    ram = tmp_path / "ram"  # where the engine's own adapter directory (normally in /dev/shm) goes
+    ram.mkdir()
+    monkeypatch.setattr(sglang_module, "ram_directory", lambda: Path(tempfile.mkdtemp(dir=ram)))
     with pytest.raises(SGLangServerError, match="dp_size=2"):
         SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_DP=2))
+    assert running_servers(tmp_path) == [], "the refused server was left running"
+    assert list(ram.iterdir()) == [], "the refused engine left its adapter directory behind"
 
 
 def test_protocol_an_http_error_is_the_requests_not_a_restart(tmp_path, journal, policy):
@@ -654,6 +677,7 @@ def test_protocol_tensor_route_only_for_a_launched_single_rank_server(tmp_path, 
     with pytest.raises(ValueError, match="tp_size 2"):
         SGLangEngine(settings=settings_for(tmp_path, journal, FAKE_SGLANG_TP=2), adapter_sync="tensors",
                      tensor_route=route)
+    assert running_servers(tmp_path) == [], "the refused server was left running"
     settings = settings_for(tmp_path, journal)
     settings.gpu = 3
     with SGLangEngine(settings=settings, tensor_route=route) as engine:

@@ -330,6 +330,20 @@ class SGLangEngine:
         if settings is not None:
             log_path = Path(settings.log_path) if settings.log_path else self.adapter_dir / "sglang-server.log"
             self._server = SGLangServer(settings, log_path)
+        # runs on close(), when the engine is collected, at interpreter exit, or when the rest of this
+        # constructor fails (a server it refuses, e.g. too old, is stopped at once): no orphaned server
+        self._finalizer = weakref.finalize(self, SGLangEngine._cleanup, self._server, self._own_dirs)
+        try:
+            self._start_or_attach(settings, url, worker_urls, adapter_sync, tensor_route)
+        except BaseException:
+            self._finalizer()
+            raise
+
+    def _start_or_attach(self, settings: ServerSettings | None, url: str | None, worker_urls: Sequence[str] | None,
+                         adapter_sync: str, tensor_route: TensorRoute | None) -> None:
+        """Start the server (or reach the attached one), read its version and tensor-parallel size, and
+        choose how adapters travel to it."""
+        if self._server is not None:
             self._server.start()
             self._server.wait_healthy(settings.startup_timeout)
             self.url = self._server.url
@@ -358,8 +372,6 @@ class SGLangEngine:
                              "sglang is not importable here); use adapter_sync='files'")
         if adapter_sync == "files" or not tensors_ok:
             self._tensor_route = None
-        # runs on close(), when the engine is collected, or at interpreter exit: no orphaned server
-        self._finalizer = weakref.finalize(self, SGLangEngine._cleanup, self._server, self._own_dirs)
 
     # --- life cycle --------------------------------------------------------------------------
 
