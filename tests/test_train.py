@@ -75,8 +75,10 @@ def _play(engine, prompts, roles, samples_per_prompt, target, new_tokens=8):
 @pytest.mark.parametrize("algorithm", ["reinforce++", "grpo"])
 def test_both_adapters_learn_a_verifiable_reward_in_one_batched_pass(small_vocab_model, algorithm, rng_seed):
     """Reward = share of generated tokens equal to the role's chosen token (attacker and defender
-    have different tokens). Base rate about 1/256; both must pass 0.2 within 40 steps, trained
-    together: every update packs both roles' samples into the same micro-batches."""
+    have different tokens). Base rate about 1/256; both must pass 0.5 (mean of the last three steps)
+    within 60 steps, trained together: every update packs both roles' samples into the same
+    micro-batches. Learning takes off suddenly, at a step that depends on the draw: most draws pass
+    0.9 by step 40; seed 1693163320 (reinforce++) was at 0.19 on step 40 and 0.94 on step 50."""
     policy = load_policy(small_vocab_model, quantize=None, rank=8, alpha=16, seed=1)
     engine = EmbeddedEngine(policy, max_batch=64, max_seq_len=32, seed=rng_seed)
     optimizer = _optimizer(policy, ("attacker", "defender"), 1e-2)
@@ -85,16 +87,21 @@ def test_both_adapters_learn_a_verifiable_reward_in_one_batched_pass(small_vocab
     target = {"attacker": 5, "defender": 77}
     settings = UpdateSettings(algorithm=algorithm, train_batch_size=128, token_budget=4096)
     history = []
-    for _ in range(40):
+
+    def recent(role):
+        return sum(h[role] for h in history[-3:]) / 3
+
+    for _ in range(60):
         samples, mean_reward = _play(engine, prompts, ("attacker", "defender"), 4, target)
         metrics = policy_update(policy, optimizer, samples, settings, gen)
         assert metrics["optimizer_steps"] == 1  # one train batch holding both roles
         history.append(mean_reward)
-    for role in ("attacker", "defender"):
+        if len(history) > 3 and all(recent(role) > 0.5 for role in target):
+            break
+    for role in target:
         start = sum(h[role] for h in history[:3]) / 3
-        end = sum(h[role] for h in history[-3:]) / 3
         assert start < 0.05, (role, start)
-        assert end > 0.2, (role, [round(h[role], 3) for h in history])
+        assert recent(role) > 0.5, (role, [round(h[role], 3) for h in history])
 
 
 def _update_gradients(policy, samples, settings, seed) -> dict[str, torch.Tensor]:
