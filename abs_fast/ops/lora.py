@@ -563,7 +563,7 @@ def _nf4_decode(x2d, weight: NF4Weight, lora_a, lora_b, routing: AdapterRouting,
         shrunk = _shrink(x2d, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), scaling,
                          routing.plan(cfg.block_m), R, cfg, _lora_precision(x2d.dtype))
     return nf4_decode_matmul(x2d, weight, shrunk, routing.ids, lora_b if has_lora else None, bias,
-                              _register_decode(x2d.device, x2d.dtype))
+                             _register_decode(x2d.device, x2d.dtype))
 
 
 NO_REGISTER_DECODE = ("", (0, 0, 0, 0))
@@ -606,7 +606,7 @@ def _register_decode_probe(device: torch.device, dtype: torch.dtype, decode) -> 
     weight = NF4Weight.quantize(torch.randn(136, 512, generator=gen).to(device)).with_scales()
     x = torch.randn(5, 512, generator=gen).to(device=device, dtype=dtype)
     return nf4_decode_matmul(x, weight, None, torch.full((5,), -1, dtype=torch.int32, device=device), None, None,
-                              decode)
+                             decode)
 
 
 def nf4_decode_matmul(x2d, weight: NF4Weight, shrunk, ids, lora_b, bias, decode) -> torch.Tensor:
